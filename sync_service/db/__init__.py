@@ -1,0 +1,1 @@
+"""PostgreSQL: the engine, the schema's models, and the statements the pipeline runs."""

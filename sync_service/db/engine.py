@@ -1,0 +1,46 @@
+"""The async engine and session factory, configured from settings.
+
+Sessions never expire objects on commit: the pipeline reads rows after committing and
+must not trigger lazy loads, which an async session cannot do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from sync_service.config import Settings
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def make_engine(settings: Settings, *, application_name: str = "sync-service") -> AsyncEngine:
+    """An engine whose pool is sized and recycled as the settings say."""
+    server_settings = {"application_name": application_name}
+    if settings.statement_timeout_ms:
+        server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+    return create_async_engine(
+        settings.database_url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_pre_ping=settings.pool_pre_ping,
+        pool_recycle=settings.pool_recycle,
+        pool_timeout=settings.pool_timeout,
+        json_serializer=_json_dumps,
+        json_deserializer=orjson.loads,
+        connect_args={"server_settings": server_settings, "timeout": 10},
+    )
+
+
+def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for one unit of work each: `async with factory() as s, s.begin(): ...`."""
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)

@@ -1,0 +1,191 @@
+"""The target schema. Alembic's migrations build it; a test checks that they agree.
+
+`users` and `orders` hold the latest applied version of each entity (a delete leaves the
+row with `deleted_at` set, so that an older event can never bring it back). The other
+tables hold what the pipeline must not lose: positions, waiting changes, dead letters,
+and the outbox.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID, ExcludeConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ORDER_STATUSES = ("pending", "paid", "shipped", "cancelled", "refunded")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class User(Base):
+    """A user at its highest applied version; a tombstone has only id, version, deleted_at."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    email: Mapped[str | None] = mapped_column(String(255))
+    name: Mapped[str | None] = mapped_column(String(255))
+    active: Mapped[bool | None]
+    country: Mapped[str | None] = mapped_column(String(2))
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    version: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        # No two live users share an email. Deferred to commit, so that one batch can
+        # move an email from one user to another in any row order (even a swap).
+        ExcludeConstraint(
+            (text("email"), "="),
+            name="ex_users_live_email",
+            using="btree",
+            where=text("deleted_at IS NULL"),
+            deferrable=True,
+            initially="DEFERRED",
+        ),
+        CheckConstraint(
+            "deleted_at IS NOT NULL OR (email IS NOT NULL AND name IS NOT NULL"
+            " AND active IS NOT NULL AND created_at IS NOT NULL AND updated_at IS NOT NULL)",
+            name="live_row_complete",
+        ),
+        CheckConstraint("version >= 0", name="version_not_negative"),
+    )
+
+
+class Order(Base):
+    """An order at its highest applied version; `total` is exact money."""
+
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("users.id"), index=True)
+    total: Mapped[Decimal | None] = mapped_column(Numeric(14, 2))
+    currency: Mapped[str | None] = mapped_column(String(3))
+    status: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    version: Mapped[int] = mapped_column(BigInteger)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(
+            "deleted_at IS NOT NULL OR (user_id IS NOT NULL AND total IS NOT NULL"
+            " AND currency IS NOT NULL AND status IS NOT NULL AND created_at IS NOT NULL"
+            " AND updated_at IS NOT NULL)",
+            name="live_row_complete",
+        ),
+        CheckConstraint("total >= 0", name="total_not_negative"),
+        CheckConstraint(
+            "status IN ('pending', 'paid', 'shipped', 'cancelled', 'refunded')",
+            name="status_known",
+        ),
+        CheckConstraint("version >= 0", name="version_not_negative"),
+    )
+
+
+class ConsumerOffset(Base):
+    """The next offset to read per group and partition, written with the rows it covers."""
+
+    __tablename__ = "consumer_offsets"
+
+    group_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    topic: Mapped[str] = mapped_column(Text, primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    next_offset: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class PendingChange(Base):
+    """A valid change that waits for what it needs (its user, a free email)."""
+
+    __tablename__ = "pending_changes"
+
+    entity: Mapped[str] = mapped_column(String(16), primary_key=True)
+    entity_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    topic: Mapped[str] = mapped_column(Text)
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    envelope: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    reason: Mapped[str] = mapped_column(Text)
+    first_seen_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+    __table_args__ = (Index(None, "topic", "partition"),)
+
+
+class DeadLetterRow(Base):
+    """A record that could not be applied, kept with everything needed to re-drive it."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    topic: Mapped[str] = mapped_column(Text)
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+    key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    value: Mapped[bytes | None] = mapped_column(LargeBinary)
+    value_size: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    redriven_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    redrive_result: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("topic", "partition", "offset"),)
+
+
+class OutboxEvent(Base):
+    """One downstream event per applied change (Debezium's outbox vocabulary).
+
+    `txid` is the writing transaction's id: a row is safe to relay once `txid` is below
+    the current snapshot's xmin, because then no older transaction can still commit.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    txid: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("(pg_current_xact_id()::text)::bigint")
+    )
+    aggregate_type: Mapped[str] = mapped_column(String(16))
+    aggregate_id: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(32))
+    event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (Index(None, "txid", "id"),)

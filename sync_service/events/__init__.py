@@ -1,0 +1,1 @@
+"""The contracts as types: inbound change envelopes and outbound events."""

@@ -1,0 +1,52 @@
+"""The service's own view of one validated change, and of one message it could not use.
+
+A `Change` is immutable and carries where it came from, so that every row, outbox event
+and dead letter can name its source record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+Entity = Literal["user", "order"]
+Op = Literal["upsert", "delete"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The Kafka record a change was read from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One source change of one entity: `row` holds the data columns of an upsert."""
+
+    entity: Entity
+    id: int
+    version: int
+    op: Op
+    event_id: UUID
+    occurred_at: datetime
+    row: dict[str, Any] | None
+    source: Source
+    envelope: dict[str, Any]
+    """The validated envelope in JSON form, kept for a change that has to wait."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that cannot be applied, and why; it is stored, never dropped."""
+
+    source: Source
+    key: bytes | None
+    value: bytes | None
+    value_size: int
+    kind: str
+    reason: str

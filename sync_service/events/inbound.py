@@ -1,0 +1,125 @@
+"""Inbound change envelopes (CONTRACT section 1) as strict Pydantic models.
+
+A model that validates is a change the target can store exactly: ids are positive
+integers, money is an exact two-place decimal, every time carries a zone.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+)
+
+
+def _rfc3339_text(value: Any) -> Any:
+    """Only a string may become a time: a bare number would be read as epoch seconds."""
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 string with a zone, e.g. 2026-11-24T10:00:00Z")
+    return value
+
+
+def _money_text(value: Any) -> Any:
+    """Money arrives as a string or a number that was parsed exactly (never a float)."""
+    if isinstance(value, bool | float):
+        raise ValueError("must be a decimal string or an exact JSON number")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+EntityId = Annotated[StrictInt, Field(gt=0, le=2**63 - 1)]
+Version = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_money_text),
+    Field(ge=0, max_digits=14, decimal_places=2, allow_inf_nan=False),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", str_strip_whitespace=False)
+
+
+class UserData(_Strict):
+    """A user row as the source holds it."""
+
+    id: EntityId
+    email: Annotated[EmailStr, Field(max_length=255)]
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+    active: StrictBool
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class OrderData(_Strict):
+    """An order row as the source holds it."""
+
+    id: EntityId
+    user_id: EntityId
+    total: Money
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+    status: Literal["pending", "paid", "shipped", "cancelled", "refunded"]
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class DeletedKey(_Strict):
+    """What a delete must carry: the id."""
+
+    id: EntityId
+
+
+class _Envelope(_Strict):
+    event_id: UUID
+    version: Version
+    occurred_at: Timestamp
+
+
+class UserUpsert(_Envelope):
+    entity: Literal["user"]
+    op: Literal["upsert"]
+    data: UserData
+
+
+class UserDelete(_Envelope):
+    entity: Literal["user"]
+    op: Literal["delete"]
+    data: DeletedKey
+
+
+class OrderUpsert(_Envelope):
+    entity: Literal["order"]
+    op: Literal["upsert"]
+    data: OrderData
+
+
+class OrderDelete(_Envelope):
+    entity: Literal["order"]
+    op: Literal["delete"]
+    data: DeletedKey
+
+
+UserEnvelope = Annotated[UserUpsert | UserDelete, Field(discriminator="op")]
+OrderEnvelope = Annotated[OrderUpsert | OrderDelete, Field(discriminator="op")]
+Envelope = UserUpsert | UserDelete | OrderUpsert | OrderDelete
+
+USER_ENVELOPE: TypeAdapter[UserUpsert | UserDelete] = TypeAdapter(UserEnvelope)
+ORDER_ENVELOPE: TypeAdapter[OrderUpsert | OrderDelete] = TypeAdapter(OrderEnvelope)
+
+
+def occurred(envelope: Envelope) -> datetime:
+    """The source time of a change."""
+    return envelope.occurred_at

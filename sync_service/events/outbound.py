@@ -1,0 +1,76 @@
+"""Outbound events (CONTRACT section 4): what the relay publishes for each applied change.
+
+The downstream `event_id` is a UUIDv5 of the inbound one, so a change keeps its id
+however often it is replayed or re-published.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from sync_service.events.change import Change
+
+EVENT_ID_NAMESPACE = uuid.UUID("8d7f0c52-3b0e-5d61-9a47-2f6c1e8b4a90")
+
+EventType = Literal["user.upserted", "user.deleted", "order.upserted", "order.deleted"]
+
+
+class SourceRef(BaseModel):
+    """The inbound record an outbound event was made from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: str
+    partition: int
+    offset: int
+    event_id: uuid.UUID
+
+
+class OutboundEvent(BaseModel):
+    """The value of a message on `sync.users` / `sync.orders`; the key is `aggregate_id`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: uuid.UUID
+    type: EventType
+    aggregate_id: str
+    version: int
+    occurred_at: datetime
+    data: dict[str, Any]
+    """The row as stored right after the change: money as a decimal string, times in
+    RFC 3339, and `deleted_at` set on a delete."""
+    source: SourceRef
+
+
+def downstream_event_id(inbound_event_id: uuid.UUID) -> uuid.UUID:
+    """The downstream id of a change: the same inbound event always maps to the same id."""
+    return uuid.uuid5(EVENT_ID_NAMESPACE, str(inbound_event_id))
+
+
+def event_type(change: Change) -> EventType:
+    """`user.upserted`, `order.deleted`, ..."""
+    return f"{change.entity}.{'upserted' if change.op == 'upsert' else 'deleted'}"  # type: ignore[return-value]
+
+
+def outbound_value(change: Change, row: dict[str, Any]) -> dict[str, Any]:
+    """The outbound event as a plain dict, ready for orjson (built without a model, since
+    this runs once per applied change; a test checks it against `OutboundEvent`)."""
+    source = change.source
+    return {
+        "event_id": downstream_event_id(change.event_id),
+        "type": event_type(change),
+        "aggregate_id": str(change.id),
+        "version": change.version,
+        "occurred_at": change.occurred_at,
+        "data": row,
+        "source": {
+            "topic": source.topic,
+            "partition": source.partition,
+            "offset": source.offset,
+            "event_id": change.event_id,
+        },
+    }

@@ -1,0 +1,68 @@
+"""Kafka helpers shared by the consumer, the relay and the operators' commands."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from sync_service.errors import UserError
+
+
+async def admin(bootstrap: str, timeout_ms: int = 10_000) -> AIOKafkaAdminClient:
+    """A started admin client, or a `UserError` when the broker does not answer."""
+    client = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    try:
+        await client.start()
+    except (KafkaConnectionError, KafkaError, OSError) as error:
+        await client.close()
+        raise UserError(
+            f"cannot reach Kafka at {bootstrap} ({type(error).__name__}): "
+            "is it running? (scripts/services up; SYNC_KAFKA_BOOTSTRAP)"
+        ) from None
+    return client
+
+
+async def require_topics(bootstrap: str, topics: Iterable[str]) -> dict[str, int]:
+    """The partition count of each topic; a `UserError` names any that does not exist."""
+    client = await admin(bootstrap)
+    try:
+        wanted = sorted(set(topics))
+        described = await client.describe_topics(wanted)
+    finally:
+        await client.close()
+    counts = {}
+    missing = []
+    for topic in described:
+        if topic.get("error_code", 0) != 0 or not topic.get("partitions"):
+            missing.append(topic["topic"])
+        else:
+            counts[topic["topic"]] = len(topic["partitions"])
+    if missing:
+        raise UserError(
+            f"topic(s) {', '.join(sorted(missing))} do not exist on {bootstrap}: "
+            "create them (upstream owns them), or check SYNC_*_TOPIC"
+        )
+    return counts
+
+
+async def ensure_topics(
+    bootstrap: str, partitions: dict[str, int], configs: dict[str, dict[str, str]] | None = None
+) -> None:
+    """Create the topics that do not exist yet (for the demo, the tests and the relay)."""
+    client = await admin(bootstrap)
+    try:
+        existing = set(await client.list_topics())
+        new = [
+            NewTopic(t, n, 1, topic_configs=(configs or {}).get(t, {}))
+            for t, n in partitions.items()
+            if t not in existing
+        ]
+        if new:
+            try:
+                await client.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await client.close()

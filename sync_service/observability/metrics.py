@@ -1,0 +1,43 @@
+"""Every Prometheus metric the service exports, declared in one place."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONSUMED = Counter("sync_events_consumed_total", "Records read from Kafka.", ["topic"])
+APPLIED = Counter("sync_changes_applied_total", "Changes that advanced a row.", ["entity"])
+STALE = Counter(
+    "sync_changes_stale_total", "Duplicate or older changes that changed nothing.", ["entity"]
+)
+DEAD_LETTERED = Counter(
+    "sync_dead_letters_total", "Records kept in the dead-letter store.", ["topic", "kind"]
+)
+BATCH_SIZE = Histogram(
+    "sync_batch_records",
+    "Records per written batch.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
+)
+WRITE_SECONDS = Histogram(
+    "sync_batch_write_seconds",
+    "Time to write and commit one batch.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RETRIES = Counter(
+    "sync_transient_failures_total", "Failures retried with backoff.", ["stage", "kind"]
+)
+LAG = Gauge("sync_consumer_lag", "End offset minus stored position.", ["topic", "partition"])
+PENDING = Gauge("sync_pending_changes", "Changes waiting for what they need.")
+PENDING_AGE = Gauge("sync_pending_oldest_age_seconds", "Age of the oldest waiting change.")
+PAUSED = Gauge("sync_consumer_paused", "1 while fetching is paused for backpressure.")
+
+OUTBOX_BACKLOG = Gauge("sync_outbox_backlog", "Outbox rows not yet published.")
+OUTBOX_OLDEST_AGE = Gauge(
+    "sync_outbox_oldest_age_seconds", "Age of the oldest outbox row not yet published."
+)
+PUBLISHED = Counter("sync_outbox_published_total", "Outbox rows published.", ["topic"])
+PUBLISH_SECONDS = Histogram(
+    "sync_relay_publish_seconds",
+    "Time to publish and commit one relay chunk.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+RELAY_ACTIVE = Gauge("sync_relay_active", "1 while this process holds the relay lease.")

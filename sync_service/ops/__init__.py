@@ -1,0 +1,1 @@
+"""What operators run: positions and lag, replays, dead letters, the demo."""

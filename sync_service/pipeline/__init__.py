@@ -1,0 +1,1 @@
+"""consume -> decode -> batch -> plan -> write: the path of a change into PostgreSQL."""

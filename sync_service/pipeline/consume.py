@@ -1,0 +1,273 @@
+"""The consumer: Kafka records in, committed batches out.
+
+Positions live in PostgreSQL; on assignment the consumer seeks to them, and after each
+committed batch it also commits them to Kafka (best effort) so that standard lag tools
+see the truth. One batch is written at a time while the next one fills; when that one
+is full too, fetching pauses (backpressure) until the write is done. On revoke and on
+stop, the batch in flight finishes (or, past the grace period, is rolled back whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from sync_service.config import Settings
+from sync_service.events.change import Entity
+from sync_service.observability import metrics
+from sync_service.pipeline.batch import Batch, BatchBuilder
+from sync_service.pipeline.decode import Limits, decode
+from sync_service.pipeline.write import BatchWriter, Fenced, WriteResult
+from sync_service.retry import Backoff, describe, retrying
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+
+class ChangeConsumer:
+    """Consumes the change topics into the target database until `stop` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        writer: BatchWriter,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stop_grace_s: float = 15.0,
+    ) -> None:
+        self._settings = settings
+        self._writer = writer
+        self._clock = clock
+        self._grace = stop_grace_s
+        self._entities: dict[str, Entity] = {
+            settings.users_topic: "user",
+            settings.orders_topic: "order",
+        }
+        self._limits = Limits(
+            settings.max_message_bytes, settings.max_json_depth, settings.dead_letter_value_bytes
+        )
+        self._builder = BatchBuilder(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
+        self._expected: dict[TP, int | None] = {}
+        """Owned partitions and the position this consumer believes is stored for each."""
+        self._inflight: asyncio.Task[None] | None = None
+        self._rebalancing = False
+        self._pending_due: float | None = 0.0
+        self._paused = False
+        self._consumer: AIOKafkaConsumer | None = None
+        self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
+        self.last_result: WriteResult | None = None
+
+    @property
+    def assigned(self) -> bool:
+        """True once this consumer owns at least one partition."""
+        return bool(self._expected)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self._settings
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.group_id,
+            client_id=f"{settings.group_id}-consumer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes + 1024),
+        )
+        self._consumer = consumer
+        await retrying("kafka connect", consumer.start, self._backoff, stop=stop)
+        consumer.subscribe(list(self._entities), listener=_Listener(self))
+        try:
+            while not stop.is_set():
+                await self._step(consumer)
+        finally:
+            await self._shutdown(consumer)
+
+    async def _step(self, consumer: AIOKafkaConsumer) -> None:
+        self._apply_backpressure(consumer)
+        room = max(1, self._settings.batch_max_events - len(self._builder))
+        wait_ms = self._settings.batch_max_wait_ms
+        fetched = await consumer.getmany(timeout_ms=wait_ms, max_records=room)
+        now = self._clock()
+        for tp, records in fetched.items():
+            if (tp.topic, tp.partition) not in self._expected:
+                continue  # revoked while the fetch was under way
+            entity = self._entities[tp.topic]
+            for record in records:
+                self._builder.add(
+                    decode(
+                        entity=entity,
+                        topic=tp.topic,
+                        partition=tp.partition,
+                        offset=record.offset,
+                        key=record.key,
+                        value=record.value,
+                        limits=self._limits,
+                    ),
+                    now,
+                )
+            metrics.CONSUMED.labels(tp.topic).inc(len(records))
+        if self._inflight is not None and self._inflight.done():
+            task, self._inflight = self._inflight, None
+            task.result()  # a defect (not a transient failure) stops the service here
+        if self._inflight is None and not self._rebalancing and self._expected:
+            if self._builder.due(now):
+                self._start(self._builder.take())
+            elif self._pending_due is not None and now >= self._pending_due:
+                self._start(Batch())  # try the waiting changes again
+
+    def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
+        should_pause = self._inflight is not None and self._builder.full()
+        if should_pause and not self._paused:
+            consumer.pause(*consumer.assignment())
+        elif self._paused and not should_pause:
+            consumer.resume(*consumer.assignment())
+        self._paused = should_pause
+        metrics.PAUSED.set(int(should_pause))
+
+    def _start(self, batch: Batch) -> None:
+        self._pending_due = None
+        self._inflight = asyncio.create_task(self._write(batch), name="write-batch")
+
+    async def _write(self, batch: Batch) -> None:
+        """Write `batch` until it commits (retrying transient failures), then advance."""
+        expected = dict(self._expected)
+        started = self._clock()
+        try:
+            result = await retrying(
+                "write batch", lambda: self._writer.write(batch, expected), self._backoff
+            )
+        except Fenced as fenced:
+            log.warning("positions moved under this consumer (%s); re-reading them", fenced)
+            await self._reseek(list(self._expected))
+            return
+        metrics.WRITE_SECONDS.observe(self._clock() - started)
+        metrics.BATCH_SIZE.observe(len(batch))
+        self._record(batch, result)
+        for tp, next_offset in result.next_offsets.items():
+            if tp in self._expected:
+                self._expected[tp] = next_offset
+        await self._commit_to_kafka(result)
+
+    def _record(self, batch: Batch, result: WriteResult) -> None:
+        self.last_result = result
+        for entity, count in result.applied.items():
+            metrics.APPLIED.labels(entity).inc(count)
+        for entity, count in result.stale.items():
+            metrics.STALE.labels(entity).inc(count)
+        for dead in batch.dead:
+            metrics.DEAD_LETTERED.labels(dead.source.topic, dead.kind).inc()
+            log.warning(
+                "dead-lettered %s[%d]@%d (%s): %s",
+                dead.source.topic, dead.source.partition, dead.source.offset, dead.kind,
+                dead.reason,
+            )  # fmt: skip
+        if result.waiting or result.pending_left:
+            self._pending_due = self._clock() + self._settings.pending_retry_ms / 1000
+
+    async def _commit_to_kafka(self, result: WriteResult) -> None:
+        """Mirror the stored positions into Kafka's group offsets, for lag tools only."""
+        consumer = self._consumer
+        offsets = {
+            TopicPartition(t, p): n for (t, p), n in result.next_offsets.items()
+            if (t, p) in self._expected
+        }  # fmt: skip
+        if consumer is None or not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except KafkaError as error:
+            log.info("Kafka offset commit skipped (positions are safe in PostgreSQL): %s",
+                     describe(error))  # fmt: skip
+        for tp, next_offset in offsets.items():
+            end = consumer.highwater(tp)
+            if end is not None:
+                metrics.LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - next_offset))
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight, whatever its outcome."""
+        task = self._inflight
+        if task is None:
+            return
+        await asyncio.wait([task])
+        if self._inflight is task:
+            self._inflight = None
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+    async def _flush(self) -> None:
+        await self._settle()
+        if len(self._builder) and self._expected:
+            self._start(self._builder.take())
+            await self._settle()
+
+    async def on_revoked(self, revoked: set[TP]) -> None:
+        self._rebalancing = True
+        await self._flush()
+        for tp in revoked:
+            self._expected.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                metrics.LAG.remove(tp[0], str(tp[1]))
+        self._builder.drop(revoked)
+
+    async def on_assigned(self, assigned: set[TP]) -> None:
+        for tp in assigned:
+            self._expected.setdefault(tp, None)
+        await self._reseek(list(assigned))
+        self._pending_due = self._clock()  # changes may have waited from before
+        self._rebalancing = False
+        log.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in sorted(assigned)) or "nothing")
+
+    async def _reseek(self, partitions: list[TP]) -> None:
+        """Seek `partitions` to their stored positions (the beginning where none is stored)
+        and forget what was buffered for them."""
+        consumer = self._consumer
+        assert consumer is not None
+        positions = await retrying(
+            "read positions", lambda: self._writer.positions(partitions), self._backoff
+        )
+        self._builder.drop(set(partitions))
+        fresh = []
+        for tp in partitions:
+            position = positions.get(tp)
+            self._expected[tp] = position
+            if position is None:
+                fresh.append(TopicPartition(*tp))
+            else:
+                consumer.seek(TopicPartition(*tp), position)
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+
+    async def _shutdown(self, consumer: AIOKafkaConsumer) -> None:
+        """Finish or roll back the batch in flight, write what is buffered, leave the group."""
+        try:
+            await asyncio.wait_for(self._flush(), timeout=self._grace)
+        except TimeoutError:
+            log.warning("batch not written within %.0fs of stop; rolled back, will be re-read",
+                        self._grace)  # fmt: skip
+            if self._inflight is not None:
+                self._inflight.cancel()
+                await asyncio.wait([self._inflight])
+        finally:
+            self._expected.clear()
+            await consumer.stop()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Flush and forget on revoke; seek to the stored positions on assign."""
+
+    def __init__(self, owner: ChangeConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._owner.on_revoked({(tp.topic, tp.partition) for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._owner.on_assigned({(tp.topic, tp.partition) for tp in assigned})

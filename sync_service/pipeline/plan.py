@@ -1,0 +1,188 @@
+"""Decide, for one batch, what each entity's row becomes and which changes must wait.
+
+Pure and synchronous: given the batch, the waiting changes and the stored rows, `plan`
+returns the writes. Invariants it keeps (the property tests check them):
+- per entity, changes apply in version order; one whose version is not above the stored
+  one changes nothing (stale or duplicate);
+- an entity's changes wait *as a whole* when its final state would break a source rule
+  (an order whose user has no row yet; an email another live user still holds), and once
+  one change of an entity waits, every later change of it waits behind;
+- every change that applies yields one `Applied`, with the row as it stood right after it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sync_service.events.change import Change, Entity
+
+USER_COLUMNS = (
+    "id", "email", "name", "active", "country", "created_at", "updated_at", "version",
+    "deleted_at",
+)  # fmt: skip
+ORDER_COLUMNS = (
+    "id", "user_id", "total", "currency", "status", "created_at", "updated_at", "version",
+    "deleted_at",
+)  # fmt: skip
+COLUMNS: Mapping[Entity, tuple[str, ...]] = {"user": USER_COLUMNS, "order": ORDER_COLUMNS}
+
+Row = dict[str, Any]
+Key = tuple[Entity, int]
+PendingKey = tuple[Entity, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A change that advanced its entity, and the row right after it."""
+
+    change: Change
+    row: Row
+
+
+@dataclass(slots=True)
+class Plan:
+    """The writes of one batch; rows are complete, in the tables' column order."""
+
+    rows: dict[Entity, list[Row]] = field(default_factory=lambda: {"user": [], "order": []})
+    applied: list[Applied] = field(default_factory=list)
+    wait: list[tuple[Change, str]] = field(default_factory=list)
+    """Changes not yet pending that must wait now, with the reason."""
+    unpend: list[PendingKey] = field(default_factory=list)
+    """Pending changes that applied or turned out stale."""
+    stale: list[Change] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Chain:
+    changes: list[Change]
+    after: list[Row]
+
+    @property
+    def final(self) -> Row:
+        return self.after[-1]
+
+
+def plan(
+    incoming: Iterable[Change],
+    pending: Iterable[Change],
+    stored: Mapping[Entity, Mapping[int, Row]],
+) -> Plan:
+    """Plan a batch. `stored` must hold, for users, every row of an id in the batch or
+    the waiting changes, every live holder of an email they want, and every user an
+    order refers to; for orders, every row of an id in the batch or the waiting ones."""
+    result = Plan()
+    pending_keys = {_pkey(c) for c in pending}
+    by_key: dict[Key, list[Change]] = defaultdict(list)
+    for change in [*pending, *incoming]:  # pending first: a duplicate keeps its first copy
+        by_key[(change.entity, change.id)].append(change)
+
+    chains: dict[Entity, dict[int, _Chain]] = {"user": {}, "order": {}}
+    for (entity, entity_id), changes in by_key.items():
+        prior = stored[entity].get(entity_id)
+        chain = _chain(entity, entity_id, changes, prior, pending_keys, result)
+        if chain is not None:
+            chains[entity][entity_id] = chain
+
+    waiting = _settle_emails(chains["user"], stored["user"])
+    waiting_orders: dict[int, str] = {}
+    for order_id, chain in chains["order"].items():
+        user_id = chain.final["user_id"]
+        if chain.final["deleted_at"] is not None or user_id in stored["user"]:
+            continue
+        if user_id not in chains["user"] or user_id in waiting:
+            waiting_orders[order_id] = f"user {user_id} has not arrived yet"
+
+    for entity, reasons in (("user", waiting), ("order", waiting_orders)):
+        for entity_id, chain in chains[entity].items():  # type: ignore[index]
+            reason = reasons.get(entity_id)
+            if reason is not None:
+                result.wait.extend(
+                    (c, reason) for c in chain.changes if _pkey(c) not in pending_keys
+                )
+                continue
+            result.rows[entity].append(chain.final)  # type: ignore[index]
+            result.applied.extend(
+                Applied(c, r) for c, r in zip(chain.changes, chain.after, strict=True)
+            )
+            result.unpend.extend(_pkey(c) for c in chain.changes if _pkey(c) in pending_keys)
+    return result
+
+
+def _chain(
+    entity: Entity,
+    entity_id: int,
+    changes: list[Change],
+    prior: Row | None,
+    pending_keys: set[PendingKey],
+    result: Plan,
+) -> _Chain | None:
+    """Order an entity's changes by version, set stale ones aside, and compute the row
+    after each of the rest (a delete keeps the last known columns and sets deleted_at)."""
+    stored_version = prior["version"] if prior is not None else -1
+    seen: set[int] = set()
+    live: list[Change] = []
+    for change in sorted(changes, key=lambda c: c.version):  # stable: first copy first
+        if change.version <= stored_version or change.version in seen:
+            result.stale.append(change)
+            if _pkey(change) in pending_keys:
+                result.unpend.append(_pkey(change))
+            continue
+        seen.add(change.version)
+        live.append(change)
+    if not live:
+        return None
+    after: list[Row] = []
+    previous = prior
+    for change in live:
+        if change.row is not None:
+            row = {**change.row, "version": change.version, "deleted_at": None}
+        else:
+            base = previous if previous is not None else dict.fromkeys(COLUMNS[entity])
+            row = {**base, "id": entity_id, "version": change.version}
+            row["deleted_at"] = change.occurred_at
+        after.append(row)
+        previous = row
+    return _Chain(live, after)
+
+
+def _settle_emails(chains: Mapping[int, _Chain], stored: Mapping[int, Row]) -> dict[int, str]:
+    """The user ids whose changes must wait because their final email would be shared
+    by two live users; settles to a fixpoint, since a user that waits keeps its stored
+    email, which another user may want."""
+    waiting: dict[int, str] = {}
+    while True:
+        holders: dict[str, list[int]] = defaultdict(list)
+        for user_id, row in stored.items():
+            if (user_id not in chains or user_id in waiting) and _live_email(row):
+                holders[row["email"]].append(user_id)
+        for user_id, chain in chains.items():
+            if user_id not in waiting and _live_email(chain.final):
+                holders[chain.final["email"]].append(user_id)
+        newly: dict[int, str] = {}
+        for email, ids in holders.items():
+            if len(ids) < 2:
+                continue
+            # Whoever already holds the email keeps it; the newcomers wait.
+            keepers = [i for i in ids if i in stored and _holds(stored[i], email)]
+            for user_id in ids:
+                if user_id in chains and user_id not in waiting and user_id not in keepers:
+                    holder = next(i for i in keepers or ids if i != user_id)
+                    newly[user_id] = f"email {email} is held by user {holder}"
+        if not newly:
+            return waiting
+        waiting.update(newly)
+
+
+def _holds(row: Row, email: str) -> bool:
+    return _live_email(row) and row["email"] == email
+
+
+def _live_email(row: Row) -> bool:
+    return row["deleted_at"] is None and row["email"] is not None
+
+
+def _pkey(change: Change) -> PendingKey:
+    return (change.entity, change.id, change.version)

@@ -1,0 +1,291 @@
+"""Write one batch in one transaction: rows, outbox, waiting changes, dead letters and the
+stored positions commit together, or none of them does.
+
+Fencing: the positions of every partition this consumer owns are locked and compared
+with what it expects first; if another consumer moved one, `Fenced` is raised and
+nothing is written, so a consumer that lost its partitions cannot write behind the new
+owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, any_, bindparam, delete, func, or_, select, text, tuple_
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.types import BigInteger, String
+
+from sync_service.db.models import (
+    ConsumerOffset,
+    DeadLetterRow,
+    Order,
+    OutboxEvent,
+    PendingChange,
+    User,
+)
+from sync_service.db.statements import as_arrays, insert_rows, upsert_rows
+from sync_service.events.change import Change, Entity, Source
+from sync_service.events.outbound import downstream_event_id, event_type, outbound_value
+from sync_service.pipeline.batch import Batch, TopicPartition
+from sync_service.pipeline.decode import change_from_envelope
+from sync_service.pipeline.plan import COLUMNS, Plan, Row, plan
+from sync_service.retry import Transient
+
+OUTBOX_CHANNEL = "sync_outbox"
+_TABLES = {"user": User.__table__, "order": Order.__table__}
+_UPSERTS = {entity: upsert_rows(table, COLUMNS[entity]) for entity, table in _TABLES.items()}
+_OUTBOX_COLUMNS = ("aggregate_type", "aggregate_id", "event_type", "event_id", "version", "payload")
+_INSERT_OUTBOX = insert_rows(OutboxEvent.__table__, _OUTBOX_COLUMNS, json_columns=("payload",))
+_NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=OUTBOX_CHANNEL)
+
+
+class Fenced(Exception):
+    """Another consumer has moved a position this one expected: it must re-read them."""
+
+
+class LostUpdate(Transient):
+    """A row changed between the batch's read and its write; the batch is retried."""
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What one committed batch did."""
+
+    applied: dict[Entity, int] = field(default_factory=lambda: {"user": 0, "order": 0})
+    stale: dict[Entity, int] = field(default_factory=lambda: {"user": 0, "order": 0})
+    waiting: int = 0
+    pending_left: int = 0
+    """Changes still waiting on this consumer's partitions after the batch (at least)."""
+    resolved: int = 0
+    dead: int = 0
+    outbox: int = 0
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+class BatchWriter:
+    """Writes batches for one consumer group; each `write` is one transaction."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], group_id: str,
+                 pending_load_limit: int) -> None:  # fmt: skip
+        self._sessions = sessions
+        self._group_id = group_id
+        self._pending_limit = pending_load_limit
+
+    async def positions(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        """The stored next offsets of `partitions` (absent where nothing was stored yet)."""
+        async with self._sessions() as session:
+            rows = await session.execute(
+                select(ConsumerOffset.topic, ConsumerOffset.partition, ConsumerOffset.next_offset)
+                .where(ConsumerOffset.group_id == self._group_id)
+                .where(tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(partitions))
+            )
+            return {(t, p): n for t, p, n in rows}
+
+    async def write(
+        self, batch: Batch, expected: Mapping[TopicPartition, int | None]
+    ) -> WriteResult:
+        """Apply `batch` for the partitions in `expected` (all this consumer owns, with the
+        positions it believes are stored). Changes waiting on those partitions are tried
+        again in the same transaction."""
+        async with self._sessions() as session, session.begin():
+            await self._fence(session, expected)
+            pending = await self._load_pending(session, batch.changes, list(expected))
+            stored = await _load_stored(session, [*pending, *batch.changes])
+            result_plan = plan(batch.changes, pending, stored)
+            result = await self._apply(session, batch, result_plan)
+            result.pending_left = len(pending) - len(result_plan.unpend) + len(result_plan.wait)
+            await self._store_positions(session, batch.next_offsets)
+        result.next_offsets = dict(batch.next_offsets)
+        return result
+
+    async def _fence(
+        self, session: AsyncSession, expected: Mapping[TopicPartition, int | None]
+    ) -> None:
+        if not expected:
+            return
+        rows = await session.execute(
+            select(ConsumerOffset.topic, ConsumerOffset.partition, ConsumerOffset.next_offset)
+            .where(ConsumerOffset.group_id == self._group_id)
+            .where(tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(list(expected)))
+            .order_by(ConsumerOffset.topic, ConsumerOffset.partition)
+            .with_for_update()
+        )
+        stored = {(t, p): n for t, p, n in rows}
+        for tp, position in expected.items():
+            if stored.get(tp) != position:
+                raise Fenced(f"{tp[0]}[{tp[1]}] is at {stored.get(tp)}, expected {position}")
+
+    async def _load_pending(
+        self, session: AsyncSession, changes: Sequence[Change], partitions: list[TopicPartition]
+    ) -> list[Change]:
+        """Every waiting change of an entity in the batch (so later versions queue behind
+        them), and the oldest waiting entities of the owned partitions, whole."""
+        if not partitions:
+            return []
+        ids: dict[Entity, set[int]] = {"user": set(), "order": set()}
+        for change in changes:
+            ids[change.entity].add(change.id)
+        owned = tuple_(PendingChange.topic, PendingChange.partition).in_(partitions)
+        oldest = (
+            select(PendingChange.entity, PendingChange.entity_id)
+            .where(owned)
+            .group_by(PendingChange.entity, PendingChange.entity_id)
+            .order_by(func.min(PendingChange.first_seen_at))
+            .limit(self._pending_limit)
+        )
+        in_batch = [
+            and_(PendingChange.entity == entity, PendingChange.entity_id == any_(_ids(sorted(s))))
+            for entity, s in ids.items()
+            if s
+        ]
+        rows = await session.execute(
+            select(PendingChange).where(
+                or_(tuple_(PendingChange.entity, PendingChange.entity_id).in_(oldest), *in_batch)
+            )
+        )
+        return [
+            change_from_envelope(
+                p.entity,  # type: ignore[arg-type]
+                p.envelope,
+                Source(p.topic, p.partition, p.offset),
+            )
+            for p in rows.scalars()
+        ]
+
+    async def _apply(self, session: AsyncSession, batch: Batch, todo: Plan) -> WriteResult:
+        result = WriteResult(waiting=len(todo.wait), dead=len(batch.dead))
+        for change in todo.stale:
+            result.stale[change.entity] += 1
+        for entity in ("user", "order"):  # users first: orders refer to them
+            rows = todo.rows[entity]
+            if not rows:
+                continue
+            done = await session.execute(_UPSERTS[entity], as_arrays(rows, COLUMNS[entity]))
+            if done.rowcount != len(rows):  # type: ignore[attr-defined]
+                raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
+            result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)
+        if todo.applied:
+            outbox = [
+                {
+                    "aggregate_type": a.change.entity,
+                    "aggregate_id": str(a.change.id),
+                    "event_type": event_type(a.change),
+                    "event_id": downstream_event_id(a.change.event_id),
+                    "version": a.change.version,
+                    "payload": orjson.dumps(outbound_value(a.change, a.row), default=str).decode(),
+                }
+                for a in todo.applied
+            ]
+            await session.execute(_INSERT_OUTBOX, as_arrays(outbox, _OUTBOX_COLUMNS))
+            await session.execute(_NOTIFY)
+            result.outbox = len(outbox)
+        if todo.unpend:
+            await session.execute(
+                delete(PendingChange).where(
+                    tuple_(PendingChange.entity, PendingChange.entity_id, PendingChange.version)
+                    .in_(todo.unpend)
+                )
+            )  # fmt: skip
+            result.resolved = len(todo.unpend)
+        if todo.wait:
+            await session.execute(
+                insert(PendingChange).on_conflict_do_nothing(),
+                [_pending_row(change, reason) for change, reason in todo.wait],
+            )
+        if batch.dead:
+            await session.execute(
+                insert(DeadLetterRow).on_conflict_do_nothing(),
+                [
+                    {
+                        "topic": d.source.topic,
+                        "partition": d.source.partition,
+                        "offset": d.source.offset,
+                        "key": d.key,
+                        "value": d.value,
+                        "value_size": d.value_size,
+                        "kind": d.kind,
+                        "reason": d.reason,
+                    }
+                    for d in batch.dead
+                ],
+            )
+        return result
+
+    async def _store_positions(
+        self, session: AsyncSession, next_offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        if not next_offsets:
+            return
+        stmt = insert(ConsumerOffset)
+        await session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["group_id", "topic", "partition"],
+                set_={"next_offset": stmt.excluded.next_offset, "updated_at": func.now()},
+            ),
+            [
+                {"group_id": self._group_id, "topic": t, "partition": p, "next_offset": n}
+                for (t, p), n in sorted(next_offsets.items())
+            ],
+        )
+
+
+async def _load_stored(
+    session: AsyncSession, changes: Sequence[Change]
+) -> dict[Entity, dict[int, Row]]:
+    """The rows `plan` needs: each entity in `changes`, the users their orders refer to,
+    and the live holders of the emails their users want."""
+    user_ids: set[int] = set()
+    order_ids: set[int] = set()
+    emails: set[str] = set()
+    for change in changes:
+        if change.entity == "user":
+            user_ids.add(change.id)
+            if change.row is not None:
+                emails.add(change.row["email"])
+        else:
+            order_ids.add(change.id)
+            if change.row is not None:
+                user_ids.add(change.row["user_id"])
+    stored: dict[Entity, dict[int, Row]] = {"user": {}, "order": {}}
+    users = User.__table__
+    if user_ids or emails:
+        rows = await session.execute(
+            select(users).where(
+                or_(
+                    users.c.id == any_(_ids(sorted(user_ids))),
+                    and_(
+                        users.c.email == any_(bindparam("emails", sorted(emails), ARRAY(String))),
+                        users.c.deleted_at.is_(None),
+                    ),
+                )
+            )
+        )
+        stored["user"] = {row["id"]: dict(row) for row in rows.mappings()}
+    if order_ids:
+        orders = Order.__table__
+        rows = await session.execute(
+            select(orders).where(orders.c.id == any_(_ids(sorted(order_ids))))
+        )
+        stored["order"] = {row["id"]: dict(row) for row in rows.mappings()}
+    return stored
+
+
+def _ids(values: list[int]) -> Any:
+    return bindparam(None, values, ARRAY(BigInteger))
+
+
+def _pending_row(change: Change, reason: str) -> dict[str, Any]:
+    return {
+        "entity": change.entity,
+        "entity_id": change.id,
+        "version": change.version,
+        "topic": change.source.topic,
+        "partition": change.source.partition,
+        "offset": change.source.offset,
+        "envelope": change.envelope,
+        "reason": reason,
+    }

@@ -1,0 +1,143 @@
+"""The running service: consumer and/or relay, the health endpoints, and the gauges that
+need a query; all stop together on SIGTERM or when one part fails."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sync_service.config import Settings
+from sync_service.db.engine import make_engine, make_sessionmaker
+from sync_service.db.schema import SchemaNotAtHead, current_revision, head_revision, require_head
+from sync_service.errors import UserError
+from sync_service.kafka import require_topics
+from sync_service.observability.health import serve_http
+from sync_service.ops.stats import refresh_gauges
+from sync_service.pipeline.consume import ChangeConsumer
+from sync_service.pipeline.write import BatchWriter
+from sync_service.retry import describe
+
+log = logging.getLogger(__name__)
+
+
+class Part(Protocol):
+    """A long-running part of the service."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+PartFactory = Callable[[Settings, AsyncEngine], Part]
+
+
+async def connect(settings: Settings) -> AsyncEngine:
+    """An engine whose database answers and whose schema is at head, or a `UserError`."""
+    engine = make_engine(settings)
+    try:
+        await require_head(engine, settings.database_url)
+    except SchemaNotAtHead as error:
+        await engine.dispose()
+        raise UserError(str(error)) from None
+    except (OperationalError, InterfaceError, DBAPIError, OSError) as error:
+        await engine.dispose()
+        raise UserError(
+            f"cannot reach PostgreSQL ({describe(error)}): is it running, and is "
+            "SYNC_DATABASE_URL right?"
+        ) from None
+    return engine
+
+
+async def serve(
+    settings: Settings,
+    *,
+    consume: bool = True,
+    relay: PartFactory | None = None,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[ChangeConsumer | None], Awaitable[None]] | None = None,
+) -> None:
+    """Run until `stop` is set (or SIGTERM/SIGINT), then shut down cleanly."""
+    stop = stop or asyncio.Event()
+    _install_signal_handlers(stop)
+    engine = await connect(settings)
+    try:
+        if consume:
+            await require_topics(settings.kafka_bootstrap, [settings.users_topic, settings.orders_topic])
+        sessions = make_sessionmaker(engine)
+        consumer = (
+            ChangeConsumer(
+                settings, BatchWriter(sessions, settings.group_id, settings.pending_load_limit)
+            )
+            if consume
+            else None
+        )
+        relay_part = relay(settings, engine) if relay is not None else None
+        head = head_revision(settings.database_url)
+
+        async def readiness() -> dict[str, str | None]:
+            checks: dict[str, str | None] = {}
+            try:
+                at = await current_revision(engine)
+                checks["database"] = None
+                checks["schema"] = None if at == head else f"at {at}, needs {head}"
+            except Exception as error:
+                checks["database"] = describe(error)
+            if consumer is not None:
+                checks["consumer"] = None if consumer.assigned else "no partitions assigned"
+            return checks
+
+        runner = await serve_http(settings.http_port, readiness)
+        parts: list[Coroutine[Any, Any, None]] = [_gauges(engine, stop)]
+        if consumer is not None:
+            parts.append(consumer.run(stop))
+        if relay_part is not None:
+            parts.append(relay_part.run(stop))
+        if on_started is not None:
+            await on_started(consumer)
+        try:
+            await _run_all(parts, stop)
+        finally:
+            await runner.cleanup()
+    finally:
+        await engine.dispose()
+
+
+async def _run_all(parts: list[Coroutine[Any, Any, None]], stop: asyncio.Event) -> None:
+    """Run the parts together; the first to fail stops the others, then its error is raised."""
+    tasks = [asyncio.create_task(p) for p in parts]
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    stopper.cancel()
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise result
+
+
+async def _gauges(engine: AsyncEngine, stop: asyncio.Event, every_s: float = 5.0) -> None:
+    while not stop.is_set():
+        try:
+            await refresh_gauges(engine)
+        except Exception as error:  # gauges are best effort; the pipeline reports failures
+            log.debug("gauges not refreshed: %s", describe(error))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
