@@ -70,6 +70,7 @@ def _run(work: Coroutine[Any, Any, T]) -> T:
         if _state["debug"]:
             raise
         _fail(f"unexpected failure: {describe(error)} (rerun with --debug for details)", 1)
+    raise AssertionError("unreachable")
 
 
 def _fail(message: str, code: int) -> Any:
@@ -137,9 +138,11 @@ def replay(
     from_offset: Annotated[int | None, typer.Option(help="Replay from this offset.", min=0)] = None,
     from_time: Annotated[
         datetime | None,
-        typer.Option(help="Replay from the first record at or after this time (RFC 3339).",
-                     formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d"]),
-    ] = None,  # fmt: skip
+        typer.Option(
+            help="Replay from the first record at or after this time (RFC 3339).",
+            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d"],
+        ),
+    ] = None,
 ) -> None:
     """Rewind a partition; replayed events re-apply safely (stale ones change nothing)."""
     from sync_service.ops.replay import replay as do_replay
@@ -177,7 +180,9 @@ def dlq_redrive(
 
 @app.command()
 def demo(
-    events: Annotated[int, typer.Option(help="How many change events to generate.", min=1)] = 20_000,
+    events: Annotated[
+        int, typer.Option(help="How many change events to generate.", min=1)
+    ] = 20_000,
     seed: Annotated[int, typer.Option(help="Seed of the generated traffic.")] = 7,
 ) -> None:
     """The whole pipeline on generated traffic, on this machine, with a live display."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -60,9 +61,7 @@ async def ensure_topics(
             if t not in existing
         ]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await client.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await client.close()

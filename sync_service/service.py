@@ -68,7 +68,9 @@ async def serve(
     engine = await connect(settings)
     try:
         if consume:
-            await require_topics(settings.kafka_bootstrap, [settings.users_topic, settings.orders_topic])
+            await require_topics(
+                settings.kafka_bootstrap, [settings.users_topic, settings.orders_topic]
+            )
         sessions = make_sessionmaker(engine)
         consumer = (
             ChangeConsumer(
@@ -112,7 +114,7 @@ async def _run_all(parts: list[Coroutine[Any, Any, None]], stop: asyncio.Event) 
     """Run the parts together; the first to fail stops the others, then its error is raised."""
     tasks = [asyncio.create_task(p) for p in parts]
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     stopper.cancel()

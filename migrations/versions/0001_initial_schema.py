@@ -94,6 +94,7 @@ def upgrade() -> None:
         sa.Column("offset", sa.BigInteger(), nullable=False),
         sa.Column("envelope", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("blocked_by", sa.BigInteger(), nullable=False),
         sa.Column(
             "first_seen_at",
             sa.DateTime(timezone=True),
@@ -101,6 +102,9 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.PrimaryKeyConstraint("entity", "entity_id", "version", name=op.f("pk_pending_changes")),
+    )
+    op.create_index(
+        op.f("ix_pending_changes_blocked_by"), "pending_changes", ["blocked_by"], unique=False
     )
     op.create_index(
         op.f("ix_pending_changes_topic_partition"),
@@ -167,6 +171,7 @@ def downgrade() -> None:
     op.drop_table("orders")
     op.drop_table("users")
     op.drop_index(op.f("ix_pending_changes_topic_partition"), table_name="pending_changes")
+    op.drop_index(op.f("ix_pending_changes_blocked_by"), table_name="pending_changes")
     op.drop_table("pending_changes")
     op.drop_index(op.f("ix_outbox_txid_id"), table_name="outbox")
     op.drop_table("outbox")

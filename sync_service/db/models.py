@@ -139,6 +139,8 @@ class PendingChange(Base):
     offset: Mapped[int] = mapped_column(BigInteger)
     envelope: Mapped[dict[str, Any]] = mapped_column(JSONB)
     reason: Mapped[str] = mapped_column(Text)
+    blocked_by: Mapped[int] = mapped_column(BigInteger, index=True)
+    """The user whose arrival or change may let this change apply."""
     first_seen_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )

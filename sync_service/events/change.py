@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from uuid import UUID
+
+if TYPE_CHECKING:
+    from sync_service.events.inbound import Envelope
 
 Entity = Literal["user", "order"]
 Op = Literal["upsert", "delete"]
@@ -36,8 +39,8 @@ class Change:
     occurred_at: datetime
     row: dict[str, Any] | None
     source: Source
-    envelope: dict[str, Any]
-    """The validated envelope in JSON form, kept for a change that has to wait."""
+    envelope: Envelope
+    """The validated envelope, stored (as JSON) should the change have to wait."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ however often it is replayed or re-published.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from sync_service.events.change import Change
 
 EVENT_ID_NAMESPACE = uuid.UUID("8d7f0c52-3b0e-5d61-9a47-2f6c1e8b4a90")
+_NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
 
 EventType = Literal["user.upserted", "user.deleted", "order.upserted", "order.deleted"]
 
@@ -47,8 +49,14 @@ class OutboundEvent(BaseModel):
 
 
 def downstream_event_id(inbound_event_id: uuid.UUID) -> uuid.UUID:
-    """The downstream id of a change: the same inbound event always maps to the same id."""
-    return uuid.uuid5(EVENT_ID_NAMESPACE, str(inbound_event_id))
+    """The downstream id of a change: the same inbound event always maps to the same id.
+
+    Exactly `uuid.uuid5(EVENT_ID_NAMESPACE, str(inbound_event_id))`, without re-deriving
+    the namespace's bytes on every call (this runs once per applied change)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + str(inbound_event_id).encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return uuid.UUID(bytes=bytes(digest[:16]))
 
 
 def event_type(change: Change) -> EventType:
@@ -56,12 +64,14 @@ def event_type(change: Change) -> EventType:
     return f"{change.entity}.{'upserted' if change.op == 'upsert' else 'deleted'}"  # type: ignore[return-value]
 
 
-def outbound_value(change: Change, row: dict[str, Any]) -> dict[str, Any]:
+def outbound_value(
+    change: Change, row: dict[str, Any], event_id: uuid.UUID | None = None
+) -> dict[str, Any]:
     """The outbound event as a plain dict, ready for orjson (built without a model, since
     this runs once per applied change; a test checks it against `OutboundEvent`)."""
     source = change.source
     return {
-        "event_id": downstream_event_id(change.event_id),
+        "event_id": event_id or downstream_event_id(change.event_id),
         "type": event_type(change),
         "aggregate_id": str(change.id),
         "version": change.version,

@@ -29,9 +29,7 @@ class Backlogs:
 async def backlogs(engine: AsyncEngine) -> Backlogs:
     async with engine.connect() as connection:
         pending, pending_oldest = (
-            await connection.execute(
-                select(func.count(), func.min(PendingChange.first_seen_at))
-            )
+            await connection.execute(select(func.count(), func.min(PendingChange.first_seen_at)))
         ).one()
         dead = (
             await connection.execute(

@@ -21,6 +21,8 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     opened_at: float = 0.0
+    sweep: bool = False
+    """Also retry the oldest waiting changes of the owned partitions."""
 
     def __len__(self) -> int:
         return len(self.changes) + len(self.dead)
@@ -63,6 +65,7 @@ class BatchBuilder:
     def drop(self, partitions: set[TopicPartition]) -> None:
         """Forget buffered records of partitions this consumer no longer owns."""
         kept = self.take()
-        for item in [*kept.changes, *kept.dead]:
+        items: list[Change | DeadLetter] = [*kept.changes, *kept.dead]
+        for item in items:
             if (item.source.topic, item.source.partition) not in partitions:
                 self.add(item, kept.opened_at)

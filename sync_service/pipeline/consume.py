@@ -59,7 +59,8 @@ class ChangeConsumer:
         """Owned partitions and the position this consumer believes is stored for each."""
         self._inflight: asyncio.Task[None] | None = None
         self._rebalancing = False
-        self._pending_due: float | None = 0.0
+        self._pending_due = 0.0
+        """When to next retry the oldest waiting changes (a sweep), whatever arrives."""
         self._paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
@@ -118,10 +119,11 @@ class ChangeConsumer:
             task, self._inflight = self._inflight, None
             task.result()  # a defect (not a transient failure) stops the service here
         if self._inflight is None and not self._rebalancing and self._expected:
-            if self._builder.due(now):
-                self._start(self._builder.take())
-            elif self._pending_due is not None and now >= self._pending_due:
-                self._start(Batch())  # try the waiting changes again
+            sweep = now >= self._pending_due
+            if self._builder.due(now) or sweep:
+                batch = self._builder.take() if self._builder.due(now) else Batch()
+                batch.sweep = sweep
+                self._start(batch)
 
     def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
         should_pause = self._inflight is not None and self._builder.full()
@@ -133,7 +135,8 @@ class ChangeConsumer:
         metrics.PAUSED.set(int(should_pause))
 
     def _start(self, batch: Batch) -> None:
-        self._pending_due = None
+        if batch.sweep:
+            self._pending_due = self._clock() + self._settings.pending_retry_ms / 1000
         self._inflight = asyncio.create_task(self._write(batch), name="write-batch")
 
     async def _write(self, batch: Batch) -> None:
@@ -169,8 +172,6 @@ class ChangeConsumer:
                 dead.source.topic, dead.source.partition, dead.source.offset, dead.kind,
                 dead.reason,
             )  # fmt: skip
-        if result.waiting or result.pending_left:
-            self._pending_due = self._clock() + self._settings.pending_retry_ms / 1000
 
     async def _commit_to_kafka(self, result: WriteResult) -> None:
         """Mirror the stored positions into Kafka's group offsets, for lag tools only."""
@@ -221,7 +222,7 @@ class ChangeConsumer:
         for tp in assigned:
             self._expected.setdefault(tp, None)
         await self._reseek(list(assigned))
-        self._pending_due = self._clock()  # changes may have waited from before
+        self._pending_due = self._clock()  # sweep now: changes may have waited from before
         self._rebalancing = False
         log.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in sorted(assigned)) or "nothing")
 

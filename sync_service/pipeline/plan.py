@@ -42,14 +42,24 @@ class Applied:
     row: Row
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A change that cannot apply yet: `blocked_by` is the user whose arrival or change
+    it waits for (the order's user, or the user holding the email)."""
+
+    change: Change
+    reason: str
+    blocked_by: int
+
+
 @dataclass(slots=True)
 class Plan:
     """The writes of one batch; rows are complete, in the tables' column order."""
 
     rows: dict[Entity, list[Row]] = field(default_factory=lambda: {"user": [], "order": []})
     applied: list[Applied] = field(default_factory=list)
-    wait: list[tuple[Change, str]] = field(default_factory=list)
-    """Changes not yet pending that must wait now, with the reason."""
+    wait: list[Waiting] = field(default_factory=list)
+    """Changes not yet pending that must wait now."""
     unpend: list[PendingKey] = field(default_factory=list)
     """Pending changes that applied or turned out stale."""
     stale: list[Change] = field(default_factory=list)
@@ -87,23 +97,24 @@ def plan(
             chains[entity][entity_id] = chain
 
     waiting = _settle_emails(chains["user"], stored["user"])
-    waiting_orders: dict[int, str] = {}
+    waiting_orders: dict[int, tuple[str, int]] = {}
     for order_id, chain in chains["order"].items():
-        user_id = chain.final["user_id"]
-        if chain.final["deleted_at"] is not None or user_id in stored["user"]:
+        user_id = chain.final["user_id"]  # a tombstone of an unseen order has none
+        if user_id is None or user_id in stored["user"]:
             continue
         if user_id not in chains["user"] or user_id in waiting:
-            waiting_orders[order_id] = f"user {user_id} has not arrived yet"
+            waiting_orders[order_id] = (f"user {user_id} has not arrived yet", user_id)
 
-    for entity, reasons in (("user", waiting), ("order", waiting_orders)):
-        for entity_id, chain in chains[entity].items():  # type: ignore[index]
-            reason = reasons.get(entity_id)
-            if reason is not None:
+    blocked: dict[Entity, dict[int, tuple[str, int]]] = {"user": waiting, "order": waiting_orders}
+    for entity, reasons in blocked.items():
+        for entity_id, chain in chains[entity].items():
+            why = reasons.get(entity_id)
+            if why is not None:
                 result.wait.extend(
-                    (c, reason) for c in chain.changes if _pkey(c) not in pending_keys
+                    Waiting(c, *why) for c in chain.changes if _pkey(c) not in pending_keys
                 )
                 continue
-            result.rows[entity].append(chain.final)  # type: ignore[index]
+            result.rows[entity].append(chain.final)
             result.applied.extend(
                 Applied(c, r) for c, r in zip(chain.changes, chain.after, strict=True)
             )
@@ -148,11 +159,13 @@ def _chain(
     return _Chain(live, after)
 
 
-def _settle_emails(chains: Mapping[int, _Chain], stored: Mapping[int, Row]) -> dict[int, str]:
+def _settle_emails(
+    chains: Mapping[int, _Chain], stored: Mapping[int, Row]
+) -> dict[int, tuple[str, int]]:
     """The user ids whose changes must wait because their final email would be shared
-    by two live users; settles to a fixpoint, since a user that waits keeps its stored
-    email, which another user may want."""
-    waiting: dict[int, str] = {}
+    by two live users (with the reason and the holder); settles to a fixpoint, since a
+    user that waits keeps its stored email, which another user may want."""
+    waiting: dict[int, tuple[str, int]] = {}
     while True:
         holders: dict[str, list[int]] = defaultdict(list)
         for user_id, row in stored.items():
@@ -161,7 +174,7 @@ def _settle_emails(chains: Mapping[int, _Chain], stored: Mapping[int, Row]) -> d
         for user_id, chain in chains.items():
             if user_id not in waiting and _live_email(chain.final):
                 holders[chain.final["email"]].append(user_id)
-        newly: dict[int, str] = {}
+        newly: dict[int, tuple[str, int]] = {}
         for email, ids in holders.items():
             if len(ids) < 2:
                 continue
@@ -170,7 +183,7 @@ def _settle_emails(chains: Mapping[int, _Chain], stored: Mapping[int, Row]) -> d
             for user_id in ids:
                 if user_id in chains and user_id not in waiting and user_id not in keepers:
                     holder = next(i for i in keepers or ids if i != user_id)
-                    newly[user_id] = f"email {email} is held by user {holder}"
+                    newly[user_id] = (f"email {email} is held by user {holder}", holder)
         if not newly:
             return waiting
         waiting.update(newly)

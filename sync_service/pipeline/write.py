@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy import and_, any_, bindparam, delete, func, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import BigInteger, String
 
 from sync_service.db.models import (
@@ -32,14 +33,20 @@ from sync_service.events.change import Change, Entity, Source
 from sync_service.events.outbound import downstream_event_id, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope
-from sync_service.pipeline.plan import COLUMNS, Plan, Row, plan
+from sync_service.pipeline.plan import COLUMNS, Plan, Row, Waiting, plan
 from sync_service.retry import Transient
 
 OUTBOX_CHANNEL = "sync_outbox"
-_TABLES = {"user": User.__table__, "order": Order.__table__}
-_UPSERTS = {entity: upsert_rows(table, COLUMNS[entity]) for entity, table in _TABLES.items()}
+_UPSERTS: dict[Entity, Insert] = {
+    "user": upsert_rows(User.__table__, COLUMNS["user"]),  # type: ignore[arg-type]
+    "order": upsert_rows(Order.__table__, COLUMNS["order"]),  # type: ignore[arg-type]
+}
 _OUTBOX_COLUMNS = ("aggregate_type", "aggregate_id", "event_type", "event_id", "version", "payload")
-_INSERT_OUTBOX = insert_rows(OutboxEvent.__table__, _OUTBOX_COLUMNS, json_columns=("payload",))
+_INSERT_OUTBOX = insert_rows(
+    OutboxEvent.__table__,  # type: ignore[arg-type]
+    _OUTBOX_COLUMNS,
+    json_columns=("payload",),
+)
 _NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=OUTBOX_CHANNEL)
 
 
@@ -58,8 +65,6 @@ class WriteResult:
     applied: dict[Entity, int] = field(default_factory=lambda: {"user": 0, "order": 0})
     stale: dict[Entity, int] = field(default_factory=lambda: {"user": 0, "order": 0})
     waiting: int = 0
-    pending_left: int = 0
-    """Changes still waiting on this consumer's partitions after the batch (at least)."""
     resolved: int = 0
     dead: int = 0
     outbox: int = 0
@@ -93,11 +98,10 @@ class BatchWriter:
         again in the same transaction."""
         async with self._sessions() as session, session.begin():
             await self._fence(session, expected)
-            pending = await self._load_pending(session, batch.changes, list(expected))
+            pending = await self._load_pending(session, batch, list(expected))
             stored = await _load_stored(session, [*pending, *batch.changes])
             result_plan = plan(batch.changes, pending, stored)
             result = await self._apply(session, batch, result_plan)
-            result.pending_left = len(pending) - len(result_plan.unpend) + len(result_plan.wait)
             await self._store_positions(session, batch.next_offsets)
         result.next_offsets = dict(batch.next_offsets)
         return result
@@ -120,47 +124,50 @@ class BatchWriter:
                 raise Fenced(f"{tp[0]}[{tp[1]}] is at {stored.get(tp)}, expected {position}")
 
     async def _load_pending(
-        self, session: AsyncSession, changes: Sequence[Change], partitions: list[TopicPartition]
+        self, session: AsyncSession, batch: Batch, partitions: list[TopicPartition]
     ) -> list[Change]:
-        """Every waiting change of an entity in the batch (so later versions queue behind
-        them), and the oldest waiting entities of the owned partitions, whole."""
+        """The waiting changes this batch may settle: every one of an entity in the batch
+        (so later versions queue behind it), every one blocked by a user in the batch, and
+        on a sweep the oldest waiting entities of the owned partitions, whole."""
         if not partitions:
             return []
         ids: dict[Entity, set[int]] = {"user": set(), "order": set()}
-        for change in changes:
+        for change in batch.changes:
             ids[change.entity].add(change.id)
         owned = tuple_(PendingChange.topic, PendingChange.partition).in_(partitions)
-        oldest = (
-            select(PendingChange.entity, PendingChange.entity_id)
-            .where(owned)
-            .group_by(PendingChange.entity, PendingChange.entity_id)
-            .order_by(func.min(PendingChange.first_seen_at))
-            .limit(self._pending_limit)
-        )
-        in_batch = [
+        wanted = [
             and_(PendingChange.entity == entity, PendingChange.entity_id == any_(_ids(sorted(s))))
             for entity, s in ids.items()
             if s
         ]
-        rows = await session.execute(
-            select(PendingChange).where(
-                or_(tuple_(PendingChange.entity, PendingChange.entity_id).in_(oldest), *in_batch)
+        if ids["user"]:
+            wanted.append(and_(owned, PendingChange.blocked_by == any_(_ids(sorted(ids["user"])))))
+        if batch.sweep:
+            oldest = (
+                select(PendingChange.entity, PendingChange.entity_id)
+                .where(owned)
+                .group_by(PendingChange.entity, PendingChange.entity_id)
+                .order_by(func.min(PendingChange.first_seen_at))
+                .limit(self._pending_limit)
             )
-        )
+            wanted.append(tuple_(PendingChange.entity, PendingChange.entity_id).in_(oldest))
+        if not wanted:
+            return []
+        found = await session.execute(
+            select(PendingChange.entity, PendingChange.envelope, PendingChange.topic,
+                   PendingChange.partition, PendingChange.offset).where(or_(*wanted))
+        )  # fmt: skip
         return [
-            change_from_envelope(
-                p.entity,  # type: ignore[arg-type]
-                p.envelope,
-                Source(p.topic, p.partition, p.offset),
-            )
-            for p in rows.scalars()
+            change_from_envelope(entity, envelope, Source(topic, partition, offset))
+            for entity, envelope, topic, partition, offset in found
         ]
 
     async def _apply(self, session: AsyncSession, batch: Batch, todo: Plan) -> WriteResult:
         result = WriteResult(waiting=len(todo.wait), dead=len(batch.dead))
         for change in todo.stale:
             result.stale[change.entity] += 1
-        for entity in ("user", "order"):  # users first: orders refer to them
+        entities: tuple[Entity, ...] = ("user", "order")  # users first: orders refer to them
+        for entity in entities:
             rows = todo.rows[entity]
             if not rows:
                 continue
@@ -169,17 +176,7 @@ class BatchWriter:
                 raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
             result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)
         if todo.applied:
-            outbox = [
-                {
-                    "aggregate_type": a.change.entity,
-                    "aggregate_id": str(a.change.id),
-                    "event_type": event_type(a.change),
-                    "event_id": downstream_event_id(a.change.event_id),
-                    "version": a.change.version,
-                    "payload": orjson.dumps(outbound_value(a.change, a.row), default=str).decode(),
-                }
-                for a in todo.applied
-            ]
+            outbox = [_outbox_row(a.change, a.row) for a in todo.applied]
             await session.execute(_INSERT_OUTBOX, as_arrays(outbox, _OUTBOX_COLUMNS))
             await session.execute(_NOTIFY)
             result.outbox = len(outbox)
@@ -194,7 +191,7 @@ class BatchWriter:
         if todo.wait:
             await session.execute(
                 insert(PendingChange).on_conflict_do_nothing(),
-                [_pending_row(change, reason) for change, reason in todo.wait],
+                [_pending_row(waiting) for waiting in todo.wait],
             )
         if batch.dead:
             await session.execute(
@@ -278,7 +275,20 @@ def _ids(values: list[int]) -> Any:
     return bindparam(None, values, ARRAY(BigInteger))
 
 
-def _pending_row(change: Change, reason: str) -> dict[str, Any]:
+def _outbox_row(change: Change, row: Row) -> dict[str, Any]:
+    event_id = downstream_event_id(change.event_id)
+    return {
+        "aggregate_type": change.entity,
+        "aggregate_id": str(change.id),
+        "event_type": event_type(change),
+        "event_id": event_id,
+        "version": change.version,
+        "payload": orjson.dumps(outbound_value(change, row, event_id), default=str).decode(),
+    }
+
+
+def _pending_row(waiting: Waiting) -> dict[str, Any]:
+    change = waiting.change
     return {
         "entity": change.entity,
         "entity_id": change.id,
@@ -286,6 +296,7 @@ def _pending_row(change: Change, reason: str) -> dict[str, Any]:
         "topic": change.source.topic,
         "partition": change.source.partition,
         "offset": change.source.offset,
-        "envelope": change.envelope,
-        "reason": reason,
+        "envelope": change.envelope.model_dump(mode="json"),
+        "reason": waiting.reason,
+        "blocked_by": waiting.blocked_by,
     }

@@ -36,6 +36,8 @@ async def produce(
     try:
         futures = []
         for message in messages:
+            key: bytes | None
+            value: bytes | None
             if isinstance(message, dict):
                 key, value = key_of(message), encode(message)
             else:
@@ -63,14 +65,14 @@ async def running(
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 60.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool]], *, within: float = 60.0, what: str = "condition"
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         if await check():
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
         await asyncio.sleep(0.1)
 
 
@@ -82,6 +84,11 @@ async def rows(engine: AsyncEngine, sql: str, **params: Any) -> Sequence[Any]:
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
     async with engine.connect() as connection:
         return (await connection.execute(text(sql), params)).scalar()
+
+
+async def count(engine: AsyncEngine, sql: str, **params: Any) -> int:
+    """A `SELECT count(*) ...` (or any single integer) as an int."""
+    return int(await scalar(engine, sql, **params))
 
 
 async def positions_reached(engine: AsyncEngine, settings: Settings, total: int) -> bool:
