@@ -34,6 +34,9 @@ def run_migrations_offline() -> None:
 def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
+        # DDL waits at most this long for a lock instead of queueing behind a long
+        # transaction (and making every query behind it queue too).
+        context.execute("SET LOCAL lock_timeout = '5s'")
         context.run_migrations()
 
 

@@ -30,7 +30,6 @@ _TRANSIENT_PG = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.ExclusionViolationError,  # the deferred email rule: another batch took it first
-    asyncpg.UniqueViolationError,  # two consumers storing a first position at once
     asyncpg.QueryCanceledError,
     asyncpg.AdminShutdownError,
     asyncpg.LockNotAvailableError,
@@ -41,8 +40,17 @@ class Transient(Exception):
     """Raised by the service itself for a condition that clears on retry."""
 
 
+_RACING_INSERTS = frozenset({"pk_consumer_offsets"})
+"""Unique rules two consumers can both hit at once (storing a first position): the
+loser retries and then sees the winner's row. Any other duplicate is a defect."""
+
+
 def is_transient(error: BaseException) -> bool:
     """True when retrying the same work later can succeed."""
+    if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
+        cause = error.orig.__cause__
+        if isinstance(cause, asyncpg.UniqueViolationError):
+            return cause.constraint_name in _RACING_INSERTS
     if isinstance(error, Transient | OSError | asyncio.TimeoutError | KafkaError):
         return True
     if isinstance(error, sa_exc.TimeoutError):  # pool exhausted

@@ -81,7 +81,12 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox")),
-        sa.UniqueConstraint("event_id", name=op.f("uq_outbox_event_id")),
+        sa.UniqueConstraint(
+            "aggregate_type",
+            "aggregate_id",
+            "version",
+            name=op.f("uq_outbox_aggregate_type_aggregate_id_version"),
+        ),
     )
     op.create_index(op.f("ix_outbox_txid_id"), "outbox", ["txid", "id"], unique=False)
     op.create_table(

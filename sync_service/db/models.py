@@ -185,9 +185,13 @@ class OutboxEvent(Base):
     aggregate_type: Mapped[str] = mapped_column(String(16))
     aggregate_id: Mapped[str] = mapped_column(Text)
     event_type: Mapped[str] = mapped_column(String(32))
-    event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), unique=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     version: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
-    __table_args__ = (Index(None, "txid", "id"),)
+    __table_args__ = (
+        Index(None, "txid", "id"),
+        # One row per applied change: a second one would be a double apply, and fails.
+        UniqueConstraint("aggregate_type", "aggregate_id", "version"),
+    )

@@ -40,9 +40,8 @@ def upsert_rows(table: Table, columns: Sequence[str]) -> Insert:
 
 
 def insert_rows(table: Table, columns: Sequence[str], json_columns: Sequence[str] = ()) -> Insert:
-    """Append rows; duplicates (by any unique constraint) are skipped."""
-    stmt = insert(table).from_select(list(columns), _unnest(table, columns, json_columns))
-    return stmt.on_conflict_do_nothing()
+    """Append rows (a duplicate by a unique constraint fails the statement)."""
+    return insert(table).from_select(list(columns), _unnest(table, columns, json_columns))
 
 
 def as_arrays(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, list[Any]]:

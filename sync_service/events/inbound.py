@@ -62,14 +62,16 @@ def _email(value: str) -> str:
     return value
 
 
-Email = Annotated[str, Field(max_length=255), AfterValidator(_email)]
+Email = Annotated[
+    str, Field(max_length=255, json_schema_extra={"format": "email"}), AfterValidator(_email)
+]
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 EntityId = Annotated[StrictInt, Field(gt=0, le=2**63 - 1)]
 Version = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 Money = Annotated[
     Decimal,
-    BeforeValidator(_money_text),
     Field(ge=0, max_digits=14, decimal_places=2, allow_inf_nan=False),
+    BeforeValidator(_money_text),  # after Field, so that the JSON Schema keeps `minimum`
 ]
 
 

@@ -100,8 +100,11 @@ def plan(
     waiting_orders: dict[int, tuple[str, int]] = {}
     for order_id, chain in chains["order"].items():
         user_id = chain.final["user_id"]  # a tombstone of an unseen order has none
+        prior = stored["order"].get(order_id)
         if user_id is None or user_id in stored["user"]:
             continue
+        if prior is not None and prior["user_id"] == user_id:
+            continue  # the stored row already refers to this user, so it has a row
         if user_id not in chains["user"] or user_id in waiting:
             waiting_orders[order_id] = (f"user {user_id} has not arrived yet", user_id)
 
