@@ -192,4 +192,20 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """The entry point: usage errors, too, are one line (Typer would draw a panel)."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Exit as done:
+        code = done.exit_code
+    except typer.TyperException as error:  # a bad or missing option, argument or command
+        message = error.format_message().strip()
+        if message:  # empty when a bare group has already printed its help
+            typer.echo(f"sync-service: {message.splitlines()[0]}", err=True)
+        code = error.exit_code
+    except typer.Abort:
+        typer.echo("sync-service: interrupted", err=True)
+        code = 130
+    except UserError as error:  # raised before `_run`, e.g. for a bad SYNC_* setting
+        typer.echo(f"sync-service: {error}", err=True)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)

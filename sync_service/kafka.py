@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
@@ -11,11 +12,25 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from sync_service.errors import UserError
 
 
+@contextlib.contextmanager
+def quiet_connect_errors() -> Iterator[None]:
+    """aiokafka logs each refused connection at ERROR; the caller reports the failure
+    itself, as one line, so those logs would only repeat it."""
+    library = logging.getLogger("aiokafka")
+    level = library.level
+    library.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
 async def admin(bootstrap: str, timeout_ms: int = 10_000) -> AIOKafkaAdminClient:
     """A started admin client, or a `UserError` when the broker does not answer."""
     client = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
     try:
-        await client.start()
+        with quiet_connect_errors():
+            await client.start()
     except (KafkaConnectionError, KafkaError, OSError) as error:
         await client.close()
         raise UserError(

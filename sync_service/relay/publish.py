@@ -1,0 +1,189 @@
+"""The relay part: one replica leads and publishes the outbox, chunk by chunk, each chunk in
+one Kafka transaction together with the position after it.
+
+Nothing is skipped (rows are read in commit-safe order) and nothing repeats for a
+read_committed consumer (the position commits or aborts with the events it covers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import ProducerFenced
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from sync_service.config import Settings
+from sync_service.errors import UserError
+from sync_service.kafka import require_topics
+from sync_service.observability import metrics
+from sync_service.pipeline.write import OUTBOX_CHANNEL
+from sync_service.relay.lease import Lease, lock_key
+from sync_service.relay.outbox import (
+    Message,
+    OutboxRow,
+    backlog,
+    fetch_after,
+    next_txid,
+    prune_through,
+    to_message,
+)
+from sync_service.relay.position import (
+    Position,
+    encode_position,
+    ensure_position_topic,
+    read_position,
+)
+from sync_service.relay.producer import make_producer, publish, stop_producer
+from sync_service.retry import Backoff, retrying
+
+log = logging.getLogger(__name__)
+
+STANDBY_RETRY_S = 1.0
+"""How often a standby tries the lease: a dead leader is replaced within about this."""
+PUBLISH_TIMEOUT_S = 30.0
+"""A chunk not committed by then (broker gone) is given up, with its producer."""
+PRUNE_CHUNK = 5_000
+PRUNE_CHUNKS_PER_ROUND = 10
+"""Deletes are bounded, and so is a round of them: publishing goes on in between."""
+
+
+def relay_part(settings: Settings, engine: AsyncEngine) -> OutboxRelay:
+    """The relay as a part of the service (`sync-service run` / `relay`)."""
+    return OutboxRelay(settings, engine)
+
+
+class OutboxRelay:
+    """Publishes the outbox until `stop` is set; any number of replicas may run."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._key = lock_key(settings.relay_transactional_id)
+        self._topics = {"user": settings.out_users_topic, "order": settings.out_orders_topic}
+        self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self._settings
+        await require_topics(settings.kafka_bootstrap, self._topics.values())
+        await ensure_position_topic(settings)
+        try:
+            while not stop.is_set():
+                await retrying("relay", lambda: self._term(stop), self._backoff, stop=stop)
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+
+    async def _term(self, stop: asyncio.Event) -> None:
+        """Stand by for one lease attempt, or lead until stopped or fenced."""
+        lease = await Lease.acquire(self._engine, self._key)
+        if lease is None:
+            await _wait_any([stop], STANDBY_RETRY_S)
+            return
+        metrics.RELAY_ACTIVE.set(1)
+        try:
+            await self._lead(lease, stop)
+        except ProducerFenced:
+            log.warning("another relay replica took over (producer fenced); standing by")
+        finally:
+            metrics.RELAY_ACTIVE.set(0)
+            await lease.release()
+
+    async def _lead(self, lease: Lease, stop: asyncio.Event) -> None:
+        producer = make_producer(self._settings)
+        try:
+            # Start first: it fences any other holder of the transactional id and ends
+            # its open transaction, so the position read next is final.
+            await producer.start()
+            position = await read_position(self._settings)
+            await _check_horizon(lease.connection, position)
+            log.info("relay active from position txid=%d id=%d", *position)
+            wake = asyncio.Event()
+            await lease.listen(OUTBOX_CHANNEL, wake)
+            await self._pump(lease.connection, producer, position, wake, stop)
+        finally:
+            await stop_producer(producer)
+
+    async def _pump(
+        self,
+        connection: AsyncConnection,
+        producer: AIOKafkaProducer,
+        position: Position,
+        wake: asyncio.Event,
+        stop: asyncio.Event,
+    ) -> None:
+        chunk = self._settings.relay_chunk
+        housekeeping_due = time.monotonic()
+        while not stop.is_set():
+            if time.monotonic() >= housekeeping_due:
+                more = await self._housekeep(connection, position)
+                housekeeping_due = time.monotonic() + (
+                    0 if more else self._settings.relay_prune_every_s
+                )
+            wake.clear()  # before reading: a commit notified during the read wakes the wait
+            rows = await fetch_after(connection, position, chunk)
+            if rows:
+                position = await self._publish(producer, rows)
+            if len(rows) < chunk:
+                await _wait_any([wake, stop], self._settings.relay_poll_ms / 1000)
+
+    async def _publish(self, producer: AIOKafkaProducer, rows: Sequence[OutboxRow]) -> Position:
+        """Commit `rows` and the position after them to Kafka; return that position."""
+        started = time.perf_counter()
+        after = rows[-1].position
+        messages = [to_message(row, self._topics) for row in rows]
+        marker = Message(
+            self._settings.relay_position_topic,
+            self._settings.relay_transactional_id.encode(),
+            encode_position(after),
+            [],
+        )
+        await asyncio.wait_for(publish(producer, [*messages, marker]), PUBLISH_TIMEOUT_S)
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        for topic, count in Counter(m.topic for m in messages).items():
+            metrics.PUBLISHED.labels(topic).inc(count)
+        self._backoff.reset()
+        return after
+
+    async def _housekeep(self, connection: AsyncConnection, position: Position) -> bool:
+        """Prune what Kafka holds and refresh the backlog gauges; True if rows to prune
+        are left over for the next round."""
+        more = False
+        for _ in range(PRUNE_CHUNKS_PER_ROUND):
+            more = await prune_through(connection, position, PRUNE_CHUNK) == PRUNE_CHUNK
+            if not more:
+                break
+        count, age = await backlog(connection, position)
+        metrics.OUTBOX_BACKLOG.set(count)
+        metrics.OUTBOX_OLDEST_AGE.set(age)
+        return more
+
+
+async def _check_horizon(connection: AsyncConnection, position: Position) -> None:
+    """Refuse a position from another database: every row written here would sort before
+    it and never be published."""
+    horizon = await next_txid(connection)
+    if position.txid >= horizon:
+        raise UserError(
+            f"the relay position (txid {position.txid}) is ahead of this database's"
+            f" transactions (next txid {horizon}): was it restored into another cluster?"
+            " Point SYNC_RELAY_TRANSACTIONAL_ID at a fresh id (unpruned outbox rows are then"
+            " published again)"
+        )
+
+
+async def _wait_any(events: Sequence[asyncio.Event], timeout_s: float) -> None:
+    """Return when one of `events` is set, or after `timeout_s`."""
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waits)
