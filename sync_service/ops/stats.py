@@ -44,9 +44,8 @@ async def backlogs(engine: AsyncEngine) -> Backlogs:
 
 
 async def refresh_gauges(engine: AsyncEngine) -> Backlogs:
+    """The waiting-change gauges (the relay, which knows its position, sets the outbox's)."""
     figures = await backlogs(engine)
     metrics.PENDING.set(figures.pending)
     metrics.PENDING_AGE.set(figures.age(figures.pending_oldest))
-    metrics.OUTBOX_BACKLOG.set(figures.outbox)
-    metrics.OUTBOX_OLDEST_AGE.set(figures.age(figures.outbox_oldest))
     return figures

@@ -47,6 +47,22 @@ _INSERT_OUTBOX = insert_rows(
     _OUTBOX_COLUMNS,
     json_columns=("payload",),
 )
+# The keys travel as arrays and are joined server-side: a row-value IN list of ~10k
+# literal tuples would exceed PostgreSQL's stack depth.
+_UNPEND_KEYS = (
+    func.unnest(
+        bindparam("entities", type_=ARRAY(String)),
+        bindparam("ids", type_=ARRAY(BigInteger)),
+        bindparam("versions", type_=ARRAY(BigInteger)),
+    )
+    .table_valued("entity", "entity_id", "version")
+    .render_derived()
+)
+_UNPEND = delete(PendingChange).where(
+    tuple_(PendingChange.entity, PendingChange.entity_id, PendingChange.version).in_(
+        select(_UNPEND_KEYS.c.entity, _UNPEND_KEYS.c.entity_id, _UNPEND_KEYS.c.version)
+    )
+)
 _NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=OUTBOX_CHANNEL)
 
 
@@ -181,12 +197,11 @@ class BatchWriter:
             await session.execute(_NOTIFY)
             result.outbox = len(outbox)
         if todo.unpend:
+            entities, entity_ids, versions = zip(*todo.unpend, strict=True)
             await session.execute(
-                delete(PendingChange).where(
-                    tuple_(PendingChange.entity, PendingChange.entity_id, PendingChange.version)
-                    .in_(todo.unpend)
-                )
-            )  # fmt: skip
+                _UNPEND,
+                {"entities": list(entities), "ids": list(entity_ids), "versions": list(versions)},
+            )
             result.resolved = len(todo.unpend)
         if todo.wait:
             await session.execute(
