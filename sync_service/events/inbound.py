@@ -68,10 +68,19 @@ Email = Annotated[
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 EntityId = Annotated[StrictInt, Field(gt=0, le=2**63 - 1)]
 Version = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+_CENT = Decimal("0.01")
+
+
+def _two_places(value: Decimal) -> Decimal:
+    """12.5 becomes 12.50, as numeric(14,2) stores it and the outbox shows it."""
+    return value.quantize(_CENT)
+
+
 Money = Annotated[
     Decimal,
     Field(ge=0, max_digits=14, decimal_places=2, allow_inf_nan=False),
     BeforeValidator(_money_text),  # after Field, so that the JSON Schema keeps `minimum`
+    AfterValidator(_two_places),
 ]
 
 

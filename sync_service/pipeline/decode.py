@@ -83,8 +83,9 @@ def _decode(
     if brackets > limits.max_depth and _depth_exceeds(parsed, limits.max_depth):
         raise InvalidMessage("too_deep", f"JSON nests deeper than {limits.max_depth} levels")
     data = parsed.get("data")
-    if isinstance(data, dict) and any(isinstance(v, float) for v in data.values()):
-        # orjson reads 12.345 as a float; read the numbers again as exact decimals.
+    if isinstance(data, dict) and isinstance(data.get("total"), float):
+        # orjson reads 12.345 as a float; read the numbers again as exact decimals (money
+        # is the one field where a fraction is valid, so it is the one to look at).
         parsed = json.loads(value, parse_float=Decimal)
     got = parsed.get("entity")
     if got != entity:

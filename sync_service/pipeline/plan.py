@@ -84,10 +84,15 @@ def plan(
     the waiting changes, every live holder of an email they want, and every user an
     order refers to; for orders, every row of an id in the batch or the waiting ones."""
     result = Plan()
+    pending = list(pending)
     pending_keys = {_pkey(c) for c in pending}
-    by_key: dict[Key, list[Change]] = defaultdict(list)
+    by_key: dict[Key, list[Change]] = {}
     for change in [*pending, *incoming]:  # pending first: a duplicate keeps its first copy
-        by_key[(change.entity, change.id)].append(change)
+        key = (change.entity, change.id)
+        if key in by_key:
+            by_key[key].append(change)
+        else:
+            by_key[key] = [change]
 
     chains: dict[Entity, dict[int, _Chain]] = {"user": {}, "order": {}}
     for (entity, entity_id), changes in by_key.items():
@@ -118,10 +123,9 @@ def plan(
                 )
                 continue
             result.rows[entity].append(chain.final)
-            result.applied.extend(
-                Applied(c, r) for c, r in zip(chain.changes, chain.after, strict=True)
-            )
-            result.unpend.extend(_pkey(c) for c in chain.changes if _pkey(c) in pending_keys)
+            result.applied.extend(map(Applied, chain.changes, chain.after))
+            if pending_keys:
+                result.unpend.extend(k for k in map(_pkey, chain.changes) if k in pending_keys)
     return result
 
 
@@ -136,18 +140,23 @@ def _chain(
     """Order an entity's changes by version, set stale ones aside, and compute the row
     after each of the rest (a delete keeps the last known columns and sets deleted_at)."""
     stored_version = prior["version"] if prior is not None else -1
-    seen: set[int] = set()
-    live: list[Change] = []
-    for change in sorted(changes, key=lambda c: c.version):  # stable: first copy first
-        if change.version <= stored_version or change.version in seen:
-            result.stale.append(change)
-            if _pkey(change) in pending_keys:
-                result.unpend.append(_pkey(change))
-            continue
-        seen.add(change.version)
-        live.append(change)
-    if not live:
-        return None
+    if len(changes) == 1 and changes[0].version > stored_version:  # the common case
+        live = changes
+    else:
+        live = []
+        last = stored_version
+        for change in sorted(changes, key=_version):  # stable: the first copy comes first
+            if change.version <= last:
+                result.stale.append(change)
+                # A waiting change overtaken by the stored row is done; a copy of one that
+                # still waits (a redelivery) must leave it waiting.
+                if change.version <= stored_version and _pkey(change) in pending_keys:
+                    result.unpend.append(_pkey(change))
+                continue
+            last = change.version
+            live.append(change)
+        if not live:
+            return None
     after: list[Row] = []
     previous = prior
     for change in live:
@@ -198,6 +207,10 @@ def _holds(row: Row, email: str) -> bool:
 
 def _live_email(row: Row) -> bool:
     return row["deleted_at"] is None and row["email"] is not None
+
+
+def _version(change: Change) -> int:
+    return change.version
 
 
 def _pkey(change: Change) -> PendingKey:

@@ -142,9 +142,10 @@ class BatchWriter:
     async def _load_pending(
         self, session: AsyncSession, batch: Batch, partitions: list[TopicPartition]
     ) -> list[Change]:
-        """The waiting changes this batch may settle: every one of an entity in the batch
-        (so later versions queue behind it), every one blocked by a user in the batch, and
-        on a sweep the oldest waiting entities of the owned partitions, whole."""
+        """The waiting changes this batch may settle, always whole entities (an entity's
+        later versions must never apply ahead of an earlier one left unloaded): each
+        entity in the batch, each with a change blocked by a user in the batch, and on a
+        sweep the oldest waiting entities of the owned partitions."""
         if not partitions:
             return []
         ids: dict[Entity, set[int]] = {"user": set(), "order": set()}
@@ -156,8 +157,12 @@ class BatchWriter:
             for entity, s in ids.items()
             if s
         ]
+        entity = tuple_(PendingChange.entity, PendingChange.entity_id)
         if ids["user"]:
-            wanted.append(and_(owned, PendingChange.blocked_by == any_(_ids(sorted(ids["user"])))))
+            unblocked = select(PendingChange.entity, PendingChange.entity_id).where(
+                owned, PendingChange.blocked_by == any_(_ids(sorted(ids["user"])))
+            )
+            wanted.append(entity.in_(unblocked))
         if batch.sweep:
             oldest = (
                 select(PendingChange.entity, PendingChange.entity_id)
@@ -166,7 +171,7 @@ class BatchWriter:
                 .order_by(func.min(PendingChange.first_seen_at))
                 .limit(self._pending_limit)
             )
-            wanted.append(tuple_(PendingChange.entity, PendingChange.entity_id).in_(oldest))
+            wanted.append(entity.in_(oldest))
         if not wanted:
             return []
         found = await session.execute(
