@@ -40,7 +40,11 @@ async def admin(bootstrap: str, timeout_ms: int = 10_000) -> AIOKafkaAdminClient
     return client
 
 
-async def require_topics(bootstrap: str, topics: Iterable[str]) -> dict[str, int]:
+async def require_topics(
+    bootstrap: str,
+    topics: Iterable[str],
+    hint: str = "create them (upstream owns them), or check SYNC_*_TOPIC",
+) -> dict[str, int]:
     """The partition count of each topic; a `UserError` names any that does not exist."""
     client = await admin(bootstrap)
     try:
@@ -57,8 +61,7 @@ async def require_topics(bootstrap: str, topics: Iterable[str]) -> dict[str, int
             counts[topic["topic"]] = len(topic["partitions"])
     if missing:
         raise UserError(
-            f"topic(s) {', '.join(sorted(missing))} do not exist on {bootstrap}: "
-            "create them (upstream owns them), or check SYNC_*_TOPIC"
+            f"topic(s) {', '.join(sorted(missing))} do not exist on {bootstrap}: {hint}"
         )
     return counts
 

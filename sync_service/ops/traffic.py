@@ -118,7 +118,7 @@ class ExpectedState:
 
     def checksum(self) -> str:
         """The same figure `table_checksum` computes from a target holding these rows."""
-        return _combine(_md5_lines(self.users), _md5_lines(self.orders))
+        return checksum_of(self.users, self.orders)
 
 
 # --- canonical rows and their checksum -------------------------------------------------

@@ -113,6 +113,9 @@ class BatchWriter:
         positions it believes are stored). Changes waiting on those partitions are tried
         again in the same transaction."""
         async with self._sessions() as session, session.begin():
+            # First, always: locking the positions gives this transaction its id, so two
+            # batches that write the same aggregate get ids in commit order, which is the
+            # order the relay publishes in.
             await self._fence(session, expected)
             pending = await self._load_pending(session, batch, list(expected))
             stored = await _load_stored(session, [*pending, *batch.changes])

@@ -67,10 +67,15 @@ class OutboxRelay:
         self._key = lock_key(settings.relay_transactional_id)
         self._topics = {"user": settings.out_users_topic, "order": settings.out_orders_topic}
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
+        self._standing_by = False
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._settings
-        await require_topics(settings.kafka_bootstrap, self._topics.values())
+        await require_topics(
+            settings.kafka_bootstrap,
+            self._topics.values(),
+            hint="create the downstream topics first, or check SYNC_OUT_*_TOPIC",
+        )
         await ensure_position_topic(settings)
         try:
             while not stop.is_set():
@@ -83,8 +88,12 @@ class OutboxRelay:
         """Stand by for one lease attempt, or lead until stopped or fenced."""
         lease = await Lease.acquire(self._engine, self._key)
         if lease is None:
+            if not self._standing_by:
+                log.info("relay standing by: another replica publishes")
+            self._standing_by = True
             await _wait_any([stop], STANDBY_RETRY_S)
             return
+        self._standing_by = False
         metrics.RELAY_ACTIVE.set(1)
         try:
             await self._lead(lease, stop)

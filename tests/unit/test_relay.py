@@ -1,0 +1,156 @@
+"""The relay's pure parts: rows to messages, the position and how it is found again, the
+lock key, and the transaction discipline of `publish` (against a fake producer)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+
+from sync_service.relay.lease import lock_key
+from sync_service.relay.outbox import Message, OutboxRow, to_message
+from sync_service.relay.position import (
+    START,
+    Position,
+    decode_position,
+    encode_position,
+    latest,
+)
+from sync_service.relay.producer import publish, stop_producer
+
+TOPICS = {"user": "out.users", "order": "out.orders"}
+EVENT_ID = uuid.UUID("2b1f0c7e-8a55-4c1e-9d3e-6f1a2b3c4d5e")
+
+
+def _row(aggregate_type: str = "order", row_id: int = 7) -> OutboxRow:
+    payload = {"event_id": str(EVENT_ID), "type": f"{aggregate_type}.upserted", "version": 3}
+    return OutboxRow(
+        txid=1000,
+        id=row_id,
+        aggregate_type=aggregate_type,
+        aggregate_id="42",
+        event_type=f"{aggregate_type}.upserted",
+        event_id=EVENT_ID,
+        payload=payload,
+    )
+
+
+def test_a_row_becomes_the_contract_message_on_its_aggregates_topic() -> None:
+    for aggregate_type, topic in TOPICS.items():
+        row = _row(aggregate_type)
+        message = to_message(row, TOPICS)
+        assert (message.topic, message.key) == (topic, b"42")
+        assert orjson.loads(message.value) == row.payload
+        assert message.headers == [
+            ("event_type", f"{aggregate_type}.upserted".encode()),
+            ("event_id", str(EVENT_ID).encode()),
+        ]
+
+
+def test_a_row_of_an_unknown_aggregate_stops_the_relay_instead_of_being_skipped() -> None:
+    with pytest.raises(ValueError, match="unknown aggregate_type 'invoice'"):
+        to_message(_row("invoice"), TOPICS)
+
+
+def test_positions_order_by_transaction_id_first() -> None:
+    assert Position(5, 1) > Position(4, 99) > Position(4, 98) > START
+    assert _row(row_id=9).position == Position(1000, 9)
+
+
+def test_a_position_survives_its_encoding() -> None:
+    position = Position(2**62, 123_456_789)
+    assert decode_position(encode_position(position)) == position
+
+
+@dataclass
+class Record:
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def test_the_latest_position_is_the_last_one_of_this_relay_before_the_end() -> None:
+    mine, other = b"relay-a", b"relay-b"
+    records = [
+        Record(0, mine, encode_position(Position(10, 1))),
+        Record(1, other, encode_position(Position(99, 9))),
+        Record(3, mine, encode_position(Position(10, 5))),
+        Record(4, mine, None),  # a tombstone is not a position
+        Record(5, other, encode_position(Position(99, 10))),
+        Record(7, mine, encode_position(Position(11, 6))),  # at the end offset: not yet read
+    ]
+    assert latest(records, mine, end=7) == Position(10, 5)
+    assert latest(records, b"relay-c", end=7) is None
+
+
+def test_lock_keys_are_stable_signed_64_bit_and_distinct() -> None:
+    key = lock_key("sync-service-relay")
+    assert key == lock_key("sync-service-relay")
+    assert -(2**63) <= key < 2**63
+    assert key != lock_key("sync-service-relay-2")
+
+
+class FakeProducer:
+    """Records the transactional calls; a send fails if its topic is in `failing`."""
+
+    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+        self.calls: list[Any] = []
+        self._failing = failing
+        self.stoppable = asyncio.Event()
+        self.stoppable.set()
+
+    async def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    async def send(
+        self, topic: str, *, value: bytes, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[None]:
+        self.calls.append((topic, key))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if topic in self._failing:
+            future.set_exception(RuntimeError(f"{topic} failed"))
+        else:
+            future.set_result(None)
+        return future
+
+    async def commit_transaction(self) -> None:
+        self.calls.append("commit")
+
+    async def stop(self) -> None:
+        await self.stoppable.wait()
+        self.calls.append("stopped")
+
+
+MESSAGES = [
+    Message("a", b"1", b"{}", []),
+    Message("b", b"2", b"{}", []),
+    Message("pos", b"r", b"{}", []),
+]
+
+
+async def test_publish_sends_in_order_inside_one_transaction() -> None:
+    producer = FakeProducer()
+    await publish(producer, MESSAGES)
+    assert producer.calls == ["begin", ("a", b"1"), ("b", b"2"), ("pos", b"r"), "commit"]
+
+
+async def test_publish_never_commits_when_a_send_failed() -> None:
+    producer = FakeProducer(failing=frozenset({"b"}))
+    with pytest.raises(RuntimeError, match="b failed"):
+        await publish(producer, MESSAGES)
+    assert "commit" not in producer.calls
+
+
+async def test_a_producer_that_cannot_stop_yet_finishes_in_the_background() -> None:
+    stuck = FakeProducer()
+    stuck.stoppable.clear()  # as when its batches wait for a broker that is down
+    await asyncio.wait_for(stop_producer(stuck, grace_s=0.05), timeout=5)
+    assert stuck.calls == []
+    stuck.stoppable.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert stuck.calls == ["stopped"]
