@@ -137,7 +137,8 @@ def upgrade() -> None:
             name="ex_users_live_email",
         ),
         sa.CheckConstraint(
-            "deleted_at IS NOT NULL OR (email IS NOT NULL AND name IS NOT NULL AND active IS NOT NULL AND created_at IS NOT NULL AND updated_at IS NOT NULL)",
+            "deleted_at IS NOT NULL OR (email IS NOT NULL AND name IS NOT NULL"
+            " AND active IS NOT NULL AND created_at IS NOT NULL AND updated_at IS NOT NULL)",
             name=op.f("ck_users_live_row_complete"),
         ),
         sa.CheckConstraint("version >= 0", name=op.f("ck_users_version_not_negative")),
@@ -159,7 +160,9 @@ def upgrade() -> None:
             name=op.f("ck_orders_status_known"),
         ),
         sa.CheckConstraint(
-            "deleted_at IS NOT NULL OR (user_id IS NOT NULL AND total IS NOT NULL AND currency IS NOT NULL AND status IS NOT NULL AND created_at IS NOT NULL AND updated_at IS NOT NULL)",
+            "deleted_at IS NOT NULL OR (user_id IS NOT NULL AND total IS NOT NULL"
+            " AND currency IS NOT NULL AND status IS NOT NULL AND created_at IS NOT NULL"
+            " AND updated_at IS NOT NULL)",
             name=op.f("ck_orders_live_row_complete"),
         ),
         sa.CheckConstraint("total >= 0", name=op.f("ck_orders_total_not_negative")),
