@@ -9,9 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -35,7 +33,7 @@ _FETCH = (
         OutboxEvent.aggregate_id,
         OutboxEvent.event_type,
         OutboxEvent.event_id,
-        OutboxEvent.payload,
+        cast(OutboxEvent.payload, Text),  # published as it is: no parse and re-encode
     )
     .where(_AFTER, OutboxEvent.txid < _SAFE_BELOW)
     .order_by(OutboxEvent.txid, OutboxEvent.id)
@@ -60,7 +58,8 @@ class OutboxRow:
     aggregate_id: str
     event_type: str
     event_id: uuid.UUID
-    payload: dict[str, Any]
+    payload: str
+    """The outbound event's JSON, as PostgreSQL renders the stored jsonb."""
 
     @property
     def position(self) -> Position:
@@ -86,7 +85,7 @@ def to_message(row: OutboxRow, topics: Mapping[str, str]) -> Message:
     return Message(
         topic=topic,
         key=row.aggregate_id.encode(),
-        value=orjson.dumps(row.payload),
+        value=row.payload.encode(),
         headers=[("event_type", row.event_type.encode()), ("event_id", str(row.event_id).encode())],
     )
 
