@@ -9,7 +9,7 @@ owner.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,7 +274,7 @@ async def _load_stored(
     users = User.__table__
     if user_ids or emails:
         rows = await session.execute(
-            select(users).where(
+            select(*(users.c[name] for name in COLUMNS["user"])).where(
                 or_(
                     users.c.id == any_(_ids(sorted(user_ids))),
                     and_(
@@ -284,14 +284,21 @@ async def _load_stored(
                 )
             )
         )
-        stored["user"] = {row["id"]: dict(row) for row in rows.mappings()}
+        stored["user"] = _by_id(rows.tuples(), COLUMNS["user"])
     if order_ids:
         orders = Order.__table__
         rows = await session.execute(
-            select(orders).where(orders.c.id == any_(_ids(sorted(order_ids))))
+            select(*(orders.c[name] for name in COLUMNS["order"])).where(
+                orders.c.id == any_(_ids(sorted(order_ids)))
+            )
         )
-        stored["order"] = {row["id"]: dict(row) for row in rows.mappings()}
+        stored["order"] = _by_id(rows.tuples(), COLUMNS["order"])
     return stored
+
+
+def _by_id(rows: Iterable[Sequence[Any]], columns: Sequence[str]) -> dict[int, Row]:
+    """Rows as dicts keyed by id (the first column)."""
+    return {row[0]: dict(zip(columns, row, strict=True)) for row in rows}
 
 
 def _ids(values: list[int]) -> Any:
