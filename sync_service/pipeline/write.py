@@ -284,7 +284,7 @@ async def _load_stored(
                 )
             )
         )
-        stored["user"] = _by_id(rows.tuples(), COLUMNS["user"])
+        stored["user"] = _by_id(rows, COLUMNS["user"])
     if order_ids:
         orders = Order.__table__
         rows = await session.execute(
@@ -292,7 +292,7 @@ async def _load_stored(
                 orders.c.id == any_(_ids(sorted(order_ids)))
             )
         )
-        stored["order"] = _by_id(rows.tuples(), COLUMNS["order"])
+        stored["order"] = _by_id(rows, COLUMNS["order"])
     return stored
 
 
