@@ -49,14 +49,19 @@ class OutboundEvent(BaseModel):
 
 
 def downstream_event_id(inbound_event_id: uuid.UUID) -> uuid.UUID:
-    """The downstream id of a change: the same inbound event always maps to the same id.
+    """The downstream id of a change: the same inbound event always maps to the same id,
+    `uuid.uuid5(EVENT_ID_NAMESPACE, str(inbound_event_id))`."""
+    return uuid.UUID(downstream_event_text(inbound_event_id))
 
-    Exactly `uuid.uuid5(EVENT_ID_NAMESPACE, str(inbound_event_id))`, without re-deriving
-    the namespace's bytes on every call (this runs once per applied change)."""
+
+def downstream_event_text(inbound_event_id: uuid.UUID) -> str:
+    """`str(downstream_event_id(...))`, without building UUID objects or re-deriving the
+    namespace's bytes: this runs once per applied change."""
     digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + str(inbound_event_id).encode()).digest())
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    return uuid.UUID(bytes=bytes(digest[:16]))
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def event_type(change: Change) -> EventType:
@@ -65,7 +70,7 @@ def event_type(change: Change) -> EventType:
 
 
 def outbound_value(
-    change: Change, row: dict[str, Any], event_id: uuid.UUID | None = None
+    change: Change, row: dict[str, Any], event_id: uuid.UUID | str | None = None
 ) -> dict[str, Any]:
     """The outbound event as a plain dict, ready for orjson (built without a model, since
     this runs once per applied change; a test checks it against `OutboundEvent`)."""

@@ -30,7 +30,7 @@ from sync_service.db.models import (
 )
 from sync_service.db.statements import as_arrays, insert_rows, upsert_rows
 from sync_service.events.change import Change, Entity, Source
-from sync_service.events.outbound import downstream_event_id, event_type, outbound_value
+from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope
 from sync_service.pipeline.plan import COLUMNS, Plan, Row, Waiting, plan
@@ -306,7 +306,7 @@ def _ids(values: list[int]) -> Any:
 
 
 def _outbox_row(change: Change, row: Row) -> dict[str, Any]:
-    event_id = downstream_event_id(change.event_id)
+    event_id = downstream_event_text(change.event_id)
     return {
         "aggregate_type": change.entity,
         "aggregate_id": str(change.id),

@@ -6,7 +6,6 @@ order: every older transaction has ended, so no row can ever appear behind the p
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ _FETCH = (
         OutboxEvent.aggregate_type,
         OutboxEvent.aggregate_id,
         OutboxEvent.event_type,
-        OutboxEvent.event_id,
+        cast(OutboxEvent.event_id, Text),  # only ever sent as text
         cast(OutboxEvent.payload, Text),  # published as it is: no parse and re-encode
     )
     .where(_AFTER, OutboxEvent.txid < _SAFE_BELOW)
@@ -57,7 +56,7 @@ class OutboxRow:
     aggregate_type: str
     aggregate_id: str
     event_type: str
-    event_id: uuid.UUID
+    event_id: str
     payload: str
     """The outbound event's JSON, as PostgreSQL renders the stored jsonb."""
 
@@ -86,7 +85,7 @@ def to_message(row: OutboxRow, topics: Mapping[str, str]) -> Message:
         topic=topic,
         key=row.aggregate_id.encode(),
         value=row.payload.encode(),
-        headers=[("event_type", row.event_type.encode()), ("event_id", str(row.event_id).encode())],
+        headers=[("event_type", row.event_type.encode()), ("event_id", row.event_id.encode())],
     )
 
 

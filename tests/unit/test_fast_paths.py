@@ -9,7 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sync_service.events.inbound import _email
-from sync_service.events.outbound import EVENT_ID_NAMESPACE, downstream_event_id
+from sync_service.events.outbound import (
+    EVENT_ID_NAMESPACE,
+    downstream_event_id,
+    downstream_event_text,
+)
 
 _local = st.text(
     alphabet=st.sampled_from("abcxyzABC019.+-_!#$%&'*/=?^`{|}~\"()<>[]:;@\\ ,é"),
@@ -53,4 +57,6 @@ def test_email_check_agrees_on_arbitrary_text(text: str) -> None:
 
 @given(st.uuids())
 def test_downstream_event_id_is_uuid5_of_the_inbound_id(inbound: uuid.UUID) -> None:
-    assert downstream_event_id(inbound) == uuid.uuid5(EVENT_ID_NAMESPACE, str(inbound))
+    expected = uuid.uuid5(EVENT_ID_NAMESPACE, str(inbound))
+    assert downstream_event_id(inbound) == expected
+    assert downstream_event_text(inbound) == str(expected)

@@ -34,7 +34,7 @@ def _row(aggregate_type: str = "order", row_id: int = 7) -> OutboxRow:
         aggregate_type=aggregate_type,
         aggregate_id="42",
         event_type=f"{aggregate_type}.upserted",
-        event_id=EVENT_ID,
+        event_id=str(EVENT_ID),
         payload=orjson.dumps(payload).decode(),
     )
 
