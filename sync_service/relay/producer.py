@@ -12,6 +12,8 @@ import logging
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from sync_service.config import Settings
 from sync_service.relay.outbox import Message
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 _MAX_BATCH_BYTES = 512 * 1024
 """Per partition and request: a chunk of a few thousand events goes in a few requests."""
 _stopping: set[asyncio.Task[None]] = set()
+_PARTITIONER = DefaultPartitioner()
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
@@ -37,16 +40,34 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
 
 
 async def publish(producer: AIOKafkaProducer, messages: Sequence[Message]) -> None:
-    """Send `messages` in order, in one Kafka transaction.
+    """Send `messages` in one Kafka transaction, in order within each partition.
 
-    Not `async with producer.transaction()`: on an error it aborts, which waits for the
-    broker, possibly forever. Here a failure simply propagates and the caller drops the
-    producer. Every send is awaited before the commit, so that a record that failed can
-    never be left out of a transaction that commits."""
+    Records go out as whole batches per partition (the key's partition by Kafka's default
+    murmur2 rule, as any client computes it), which costs far less per record than
+    `send`. Not `async with producer.transaction()`: on an error it aborts, which waits
+    for the broker, possibly forever; here a failure simply propagates and the caller
+    drops the producer. Every batch is awaited before the commit, so that a record that
+    failed can never be left out of a transaction that commits."""
     await producer.begin_transaction()
-    sent = [
-        await producer.send(m.topic, value=m.value, key=m.key, headers=m.headers) for m in messages
-    ]
+    partitions: dict[str, list[int]] = {}
+    open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    sent: list[asyncio.Future[object]] = []
+    for message in messages:
+        if message.topic not in partitions:
+            partitions[message.topic] = sorted(await producer.partitions_for(message.topic))
+        every = partitions[message.topic]
+        tp = (message.topic, _PARTITIONER(message.key, every, every))
+        batch = open_batches.get(tp)
+        if batch is None:
+            batch = open_batches[tp] = producer.create_batch()
+        if batch.append(key=message.key, value=message.value, timestamp=None,
+                        headers=message.headers) is None:  # fmt: skip
+            sent.append(await producer.send_batch(batch, tp[0], partition=tp[1]))
+            batch = open_batches[tp] = producer.create_batch()
+            batch.append(key=message.key, value=message.value, timestamp=None,
+                         headers=message.headers)  # fmt: skip
+    for (topic, partition), batch in open_batches.items():
+        sent.append(await producer.send_batch(batch, topic, partition=partition))
     await asyncio.gather(*sent)
     await producer.commit_transaction()
 
