@@ -108,7 +108,9 @@ def _decode(
 def _change(
     entity: Entity, envelope: UserUpsert | UserDelete | OrderUpsert | OrderDelete, source: Source
 ) -> Change:
-    row = envelope.data.model_dump() if envelope.op == "upsert" else None
+    # The validated fields as they are (a model's __dict__ holds exactly them), cheaper
+    # than model_dump for a flat model.
+    row = dict(envelope.data.__dict__) if envelope.op == "upsert" else None
     return Change(
         entity=entity,
         id=envelope.data.id,

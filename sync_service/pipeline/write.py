@@ -33,7 +33,7 @@ from sync_service.events.change import Change, Entity, Source
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope
-from sync_service.pipeline.plan import COLUMNS, Plan, Row, Waiting, plan
+from sync_service.pipeline.plan import COLUMNS, PendingKey, Plan, Row, Waiting, plan
 from sync_service.retry import Transient
 
 OUTBOX_CHANNEL = "sync_outbox"
@@ -47,9 +47,9 @@ _INSERT_OUTBOX = insert_rows(
     _OUTBOX_COLUMNS,
     json_columns=("payload",),
 )
-# The keys travel as arrays and are joined server-side: a row-value IN list of ~10k
-# literal tuples would exceed PostgreSQL's stack depth.
-_UNPEND_KEYS = (
+# Keys of waiting changes travel as arrays and are joined server-side: a row-value IN
+# list of ~10k literal tuples would exceed PostgreSQL's stack depth.
+_KEYS = (
     func.unnest(
         bindparam("entities", type_=ARRAY(String)),
         bindparam("ids", type_=ARRAY(BigInteger)),
@@ -58,11 +58,17 @@ _UNPEND_KEYS = (
     .table_valued("entity", "entity_id", "version")
     .render_derived()
 )
-_UNPEND = delete(PendingChange).where(
-    tuple_(PendingChange.entity, PendingChange.entity_id, PendingChange.version).in_(
-        select(_UNPEND_KEYS.c.entity, _UNPEND_KEYS.c.entity_id, _UNPEND_KEYS.c.version)
-    )
-)
+_PENDING_KEY = tuple_(PendingChange.entity, PendingChange.entity_id, PendingChange.version)
+_IN_KEYS = _PENDING_KEY.in_(select(_KEYS.c.entity, _KEYS.c.entity_id, _KEYS.c.version))
+_UNPEND = delete(PendingChange).where(_IN_KEYS)
+_PENDING_ENVELOPES = select(
+    PendingChange.entity,
+    PendingChange.envelope,
+    PendingChange.topic,
+    PendingChange.partition,
+    PendingChange.offset,
+).where(_IN_KEYS)
+_REMEMBER_AT_MOST = 200_000
 _NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=OUTBOX_CHANNEL)
 
 
@@ -95,6 +101,7 @@ class BatchWriter:
         self._sessions = sessions
         self._group_id = group_id
         self._pending_limit = pending_load_limit
+        self._waiting: dict[PendingKey, Change] = {}
 
     async def positions(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         """The stored next offsets of `partitions` (absent where nothing was stored yet)."""
@@ -178,13 +185,29 @@ class BatchWriter:
         if not wanted:
             return []
         found = await session.execute(
-            select(PendingChange.entity, PendingChange.envelope, PendingChange.topic,
-                   PendingChange.partition, PendingChange.offset).where(or_(*wanted))
+            select(PendingChange.entity, PendingChange.entity_id, PendingChange.version)
+            .where(or_(*wanted))
         )  # fmt: skip
-        return [
-            change_from_envelope(entity, envelope, Source(topic, partition, offset))
-            for entity, envelope, topic, partition, offset in found
-        ]
+        keys: list[PendingKey] = [tuple(row) for row in found]  # type: ignore[misc]
+        missing = [key for key in keys if key not in self._waiting]
+        if missing:
+            entities, entity_ids, versions = zip(*missing, strict=True)
+            rows = await session.execute(
+                _PENDING_ENVELOPES,
+                {"entities": list(entities), "ids": list(entity_ids), "versions": list(versions)},
+            )
+            for entity, envelope, topic, partition, offset in rows:
+                change = change_from_envelope(entity, envelope, Source(topic, partition, offset))
+                self._remember([change])
+        return [self._waiting[key] for key in keys]
+
+    def _remember(self, changes: Iterable[Change]) -> None:
+        """Keep waiting changes decoded: most apply a batch or two later, and reading them
+        back needs only their keys. What waits is decided by the table, never by this."""
+        if len(self._waiting) > _REMEMBER_AT_MOST:
+            self._waiting.clear()
+        for change in changes:
+            self._waiting[(change.entity, change.id, change.version)] = change
 
     async def _apply(self, session: AsyncSession, batch: Batch, todo: Plan) -> WriteResult:
         result = WriteResult(waiting=len(todo.wait), dead=len(batch.dead))
@@ -205,6 +228,8 @@ class BatchWriter:
             await session.execute(_NOTIFY)
             result.outbox = len(outbox)
         if todo.unpend:
+            for key in todo.unpend:
+                self._waiting.pop(key, None)
             entities, entity_ids, versions = zip(*todo.unpend, strict=True)
             await session.execute(
                 _UNPEND,
@@ -212,6 +237,7 @@ class BatchWriter:
             )
             result.resolved = len(todo.unpend)
         if todo.wait:
+            self._remember(waiting.change for waiting in todo.wait)
             await session.execute(
                 insert(PendingChange).on_conflict_do_nothing(),
                 [_pending_row(waiting) for waiting in todo.wait],

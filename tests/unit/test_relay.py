@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from sync_service.relay.lease import lock_key
 from sync_service.relay.outbox import Message, OutboxRow, to_message
@@ -94,22 +95,45 @@ def test_lock_keys_are_stable_signed_64_bit_and_distinct() -> None:
     assert key != lock_key("sync-service-relay-2")
 
 
-class FakeProducer:
-    """Records the transactional calls; a send fails if its topic is in `failing`."""
+class FakeBatch:
+    """Holds up to `room` records, as aiokafka's BatchBuilder holds up to its byte size."""
 
-    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+    def __init__(self, room: int) -> None:
+        self.keys: list[bytes] = []
+        self._room = room
+
+    def append(
+        self, *, key: bytes, value: bytes, timestamp: None, headers: list[tuple[str, bytes]]
+    ) -> object | None:
+        if len(self.keys) == self._room:
+            return None
+        self.keys.append(key)
+        return object()
+
+
+class FakeProducer:
+    """Records the transactional calls; a batch fails if its topic is in `failing`."""
+
+    def __init__(self, failing: frozenset[str] = frozenset(), room: int = 100) -> None:
         self.calls: list[Any] = []
         self._failing = failing
+        self._room = room
         self.stoppable = asyncio.Event()
         self.stoppable.set()
 
     async def begin_transaction(self) -> None:
         self.calls.append("begin")
 
-    async def send(
-        self, topic: str, *, value: bytes, key: bytes, headers: list[tuple[str, bytes]]
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self._room)
+
+    async def send_batch(
+        self, batch: FakeBatch, topic: str, *, partition: int
     ) -> asyncio.Future[None]:
-        self.calls.append((topic, key))
+        self.calls.append((topic, partition, batch.keys))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if topic in self._failing:
             future.set_exception(RuntimeError(f"{topic} failed"))
@@ -132,10 +156,36 @@ MESSAGES = [
 ]
 
 
-async def test_publish_sends_in_order_inside_one_transaction() -> None:
+def _partition(key: bytes) -> int:
+    """Kafka's default rule for a keyed record: murmur2 of the key, modulo the count."""
+    every = [0, 1, 2]
+    return int(DefaultPartitioner()(key, every, every))
+
+
+async def test_publish_sends_every_record_inside_one_transaction() -> None:
     producer = FakeProducer()
     await publish(producer, MESSAGES)
-    assert producer.calls == ["begin", ("a", b"1"), ("b", b"2"), ("pos", b"r"), "commit"]
+    assert producer.calls == [
+        "begin",
+        ("a", _partition(b"1"), [b"1"]),
+        ("b", _partition(b"2"), [b"2"]),
+        ("pos", _partition(b"r"), [b"r"]),
+        "commit",
+    ]
+
+
+async def test_publish_keeps_the_order_of_each_partition_across_full_batches() -> None:
+    producer = FakeProducer(room=2)
+    keys = [str(i).encode() for i in range(20)]
+    await publish(producer, [Message("a", k, b"{}", []) for k in keys])
+    sent: dict[int, list[bytes]] = {}
+    for _, partition, batch in producer.calls[1:-1]:
+        assert len(batch) <= 2
+        sent.setdefault(partition, []).extend(batch)
+    assert sent == {
+        p: [k for k in keys if _partition(k) == p] for p in {_partition(k) for k in keys}
+    }
+    assert producer.calls[-1] == "commit"
 
 
 async def test_publish_never_commits_when_a_send_failed() -> None:
