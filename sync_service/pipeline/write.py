@@ -163,7 +163,11 @@ class BatchWriter:
             ids[change.entity].add(change.id)
         owned = tuple_(PendingChange.topic, PendingChange.partition).in_(partitions)
         wanted = [
-            and_(PendingChange.entity == entity, PendingChange.entity_id == any_(_ids(sorted(s))))
+            and_(
+                owned,
+                PendingChange.entity == entity,
+                PendingChange.entity_id == any_(_ids(sorted(s))),
+            )
             for entity, s in ids.items()
             if s
         ]
@@ -199,7 +203,8 @@ class BatchWriter:
             for entity, envelope, topic, partition, offset in rows:
                 change = change_from_envelope(entity, envelope, Source(topic, partition, offset))
                 self._remember([change])
-        return [self._waiting[key] for key in keys]
+        # A row another writer settled between the two reads no longer waits.
+        return [self._waiting[key] for key in keys if key in self._waiting]
 
     def _remember(self, changes: Iterable[Change]) -> None:
         """Keep waiting changes decoded: most apply a batch or two later, and reading them
