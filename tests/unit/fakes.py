@@ -64,12 +64,12 @@ class FakeTarget:
         return result
 
     def load_pending(self, incoming: Sequence[Change], sweep: bool) -> list[Change]:
-        """What `write._load_pending` reads, whole entities: those in the batch, those
-        with a change blocked by a user in the batch, and on a sweep all of them."""
-        entities = {(c.entity, c.id) for c in incoming}
+        """What `write._load_pending` reads, always whole entities: those in the batch,
+        those with a change blocked by a user in the batch, and on a sweep all of them."""
         users = {c.id for c in incoming if c.entity == "user"}
-        entities |= {(w.change.entity, w.change.id) for w in self.pending.values()
-                     if w.blocked_by in users}  # fmt: skip
+        entities = {(c.entity, c.id) for c in incoming} | {
+            (w.change.entity, w.change.id) for w in self.pending.values() if w.blocked_by in users
+        }
         return [
             w.change
             for w in self.pending.values()
