@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     # Batching and backpressure.
     batch_max_events: int = Field(default=5_000, ge=1)
-    batch_max_wait_ms: int = Field(default=100, ge=1)
+    batch_max_wait_ms: int = Field(default=25, ge=1)
     poll_max_records: int = Field(default=5_000, ge=1)
 
     # Input limits: larger or deeper messages are dead-lettered before parsing.
