@@ -107,8 +107,7 @@ class Order(Base):
         ),
         CheckConstraint("total >= 0", name="total_not_negative"),
         CheckConstraint(
-            "status IN ('pending', 'paid', 'shipped', 'cancelled', 'refunded')",
-            name="status_known",
+            f"status IN ({', '.join(repr(s) for s in ORDER_STATUSES)})", name="status_known"
         ),
         CheckConstraint("version >= 0", name="version_not_negative"),
     )

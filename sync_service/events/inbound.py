@@ -7,7 +7,6 @@ integers, money is an exact two-place decimal, every time carries a zone.
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -154,8 +153,3 @@ Envelope = UserUpsert | UserDelete | OrderUpsert | OrderDelete
 
 USER_ENVELOPE: TypeAdapter[UserUpsert | UserDelete] = TypeAdapter(UserEnvelope)
 ORDER_ENVELOPE: TypeAdapter[OrderUpsert | OrderDelete] = TypeAdapter(OrderEnvelope)
-
-
-def occurred(envelope: Envelope) -> datetime:
-    """The source time of a change."""
-    return envelope.occurred_at

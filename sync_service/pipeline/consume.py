@@ -64,7 +64,6 @@ class ChangeConsumer:
         self._paused = False
         self._consumer: AIOKafkaConsumer | None = None
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
-        self.last_result: WriteResult | None = None
 
     @property
     def assigned(self) -> bool:
@@ -93,7 +92,13 @@ class ChangeConsumer:
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
         self._apply_backpressure(consumer)
-        room = max(1, self._settings.batch_max_events - len(self._builder))
+        room = max(
+            1,
+            min(
+                self._settings.poll_max_records,
+                self._settings.batch_max_events - len(self._builder),
+            ),
+        )
         wait_ms = self._settings.batch_max_wait_ms
         fetched = await consumer.getmany(timeout_ms=wait_ms, max_records=room)
         now = self._clock()
@@ -160,7 +165,6 @@ class ChangeConsumer:
         await self._commit_to_kafka(result)
 
     def _record(self, batch: Batch, result: WriteResult) -> None:
-        self.last_result = result
         for entity, count in result.applied.items():
             metrics.APPLIED.labels(entity).inc(count)
         for entity, count in result.stale.items():

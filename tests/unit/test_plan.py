@@ -45,8 +45,8 @@ def stored(*rows: tuple[Entity, Row]) -> Stored:
     return tables
 
 
-def nothing_written(result: Plan) -> bool:
-    return result.rows == {"user": [], "order": []} and not result.applied
+def assert_nothing_written(result: Plan) -> None:
+    assert (result.rows, result.applied) == ({"user": [], "order": []}, [])
 
 
 def versions(result: Plan) -> list[tuple[Entity, int, int]]:
@@ -60,7 +60,7 @@ def test_stale_and_duplicate_versions_change_nothing() -> None:
     held = row(user(7, 5))
     older, same = user(7, 3, name="Old"), user(7, 5, name="Again")
     result = plan([older, same], [], stored(("user", held)))
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert (result.stale, result.wait, result.unpend) == ([older, same], [], [])
 
 
@@ -121,7 +121,7 @@ def test_an_upsert_after_a_delete_revives_the_row() -> None:
 def test_an_order_whose_user_has_no_row_waits() -> None:
     early = order(1, 7, 1)
     result = plan([early], [], stored())
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert result.wait == [Waiting(early, "user 7 has not arrived yet", 7)]
 
 
@@ -142,7 +142,7 @@ def test_an_order_waits_while_its_new_user_waits() -> None:
     holder = row(user(1, 1, email="ada@example.com"))
     newcomer, its_order = user(7, 1, email="ada@example.com"), order(1, 7, 1)
     result = plan([newcomer, its_order], [], stored(("user", holder)))
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert [(w.change, w.blocked_by) for w in result.wait] == [(newcomer, 1), (its_order, 7)]
 
 
@@ -169,7 +169,7 @@ def test_an_email_held_by_another_live_user_makes_the_newcomer_wait() -> None:
     holder = row(user(1, 1, email="ada@example.com"))
     newcomer = user(2, 1, email="ada@example.com")
     result = plan([newcomer], [], stored(("user", holder)))
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert result.wait == [Waiting(newcomer, "email ada@example.com is held by user 1", 1)]
 
 
@@ -185,7 +185,7 @@ def test_the_holder_keeps_its_email_when_both_change_in_one_batch() -> None:
 def test_two_newcomers_for_one_free_email_both_wait() -> None:
     first, second = user(1, 1, email="ada@example.com"), user(2, 1, email="ada@example.com")
     result = plan([first, second], [], stored())
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert {(w.change.id, w.blocked_by) for w in result.wait} == {(1, 2), (2, 1)}
 
 
@@ -221,7 +221,7 @@ def test_a_waiting_user_keeps_its_email_from_whoever_wants_it() -> None:
     a, b, c = (row(user(i, 1, email=f"{i}@example.com")) for i in (1, 2, 3))
     a_to_2, b_to_3 = user(1, 2, email="2@example.com"), user(2, 2, email="3@example.com")
     result = plan([a_to_2, b_to_3], [], stored(("user", a), ("user", b), ("user", c)))
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert {(w.change.id, w.blocked_by) for w in result.wait} == {(1, 2), (2, 3)}
 
 
@@ -231,7 +231,7 @@ def test_a_waiting_user_keeps_its_email_from_whoever_wants_it() -> None:
 def test_a_chain_waits_as_a_whole() -> None:
     v1, v2 = order(1, 7, 1), order(1, 7, 2, status="paid")
     result = plan([v2, v1], [], stored())
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert [w.change for w in result.wait] == [v1, v2]
 
 
@@ -246,7 +246,7 @@ def test_a_chain_is_judged_by_its_final_state() -> None:
 def test_a_later_version_waits_behind_a_pending_one() -> None:
     v1, v2 = order(1, 7, 1), order(1, 7, 2)
     result = plan([v2], [v1], stored())
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert [w.change for w in result.wait] == [v2]  # v1 is pending already
     assert result.unpend == []
 
@@ -266,7 +266,7 @@ def test_pending_changes_apply_with_the_user_they_waited_for() -> None:
 
 def test_pending_changes_that_became_stale_are_unpended() -> None:
     result = plan([], [order(1, 7, 1)], stored(("order", row(order(1, 7, 2)))))
-    assert nothing_written(result)
+    assert_nothing_written(result)
     assert result.unpend == [("order", 1, 1)]
     assert [c.version for c in result.stale] == [1]
 

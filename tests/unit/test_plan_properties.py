@@ -13,7 +13,7 @@ from tests.histories import Scenario, scenarios
 from tests.unit.fakes import FakeTarget, pending_key
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios())
 def test_any_delivery_of_a_valid_history_ends_at_the_source_state(scenario: Scenario) -> None:
     db = FakeTarget()
