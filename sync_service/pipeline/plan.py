@@ -75,6 +75,32 @@ class _Chain:
         return self.after[-1]
 
 
+@dataclass(frozen=True, slots=True)
+class Needs:
+    """The stored rows `plan` needs for some changes: the users and orders they touch, the
+    users their orders refer to, and the live holders of the emails their users want."""
+
+    user_ids: frozenset[int]
+    order_ids: frozenset[int]
+    emails: frozenset[str]
+
+
+def needs(changes: Iterable[Change]) -> Needs:
+    user_ids: set[int] = set()
+    order_ids: set[int] = set()
+    emails: set[str] = set()
+    for change in changes:
+        if change.entity == "user":
+            user_ids.add(change.id)
+            if change.row is not None:
+                emails.add(change.row["email"])
+        else:
+            order_ids.add(change.id)
+            if change.row is not None:
+                user_ids.add(change.row["user_id"])
+    return Needs(frozenset(user_ids), frozenset(order_ids), frozenset(emails))
+
+
 def plan(
     incoming: Iterable[Change],
     pending: Iterable[Change],

@@ -33,7 +33,7 @@ from sync_service.events.change import Change, Entity, Source
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope
-from sync_service.pipeline.plan import COLUMNS, PendingKey, Plan, Row, Waiting, plan
+from sync_service.pipeline.plan import COLUMNS, PendingKey, Plan, Row, Waiting, needs, plan
 from sync_service.retry import Transient
 
 OUTBOX_CHANNEL = "sync_outbox"
@@ -287,20 +287,9 @@ class BatchWriter:
 async def _load_stored(
     session: AsyncSession, changes: Sequence[Change]
 ) -> dict[Entity, dict[int, Row]]:
-    """The rows `plan` needs: each entity in `changes`, the users their orders refer to,
-    and the live holders of the emails their users want."""
-    user_ids: set[int] = set()
-    order_ids: set[int] = set()
-    emails: set[str] = set()
-    for change in changes:
-        if change.entity == "user":
-            user_ids.add(change.id)
-            if change.row is not None:
-                emails.add(change.row["email"])
-        else:
-            order_ids.add(change.id)
-            if change.row is not None:
-                user_ids.add(change.row["user_id"])
+    """The rows `plan` needs for `changes` (see `plan.needs`)."""
+    wanted = needs(changes)
+    user_ids, order_ids, emails = wanted.user_ids, wanted.order_ids, wanted.emails
     stored: dict[Entity, dict[int, Row]] = {"user": {}, "order": {}}
     users = User.__table__
     if user_ids or emails:

@@ -14,7 +14,7 @@ import orjson
 
 from sync_service.events.change import Change, Entity
 from sync_service.pipeline.decode import decode
-from sync_service.pipeline.plan import Plan, Row, Waiting, plan
+from sync_service.pipeline.plan import Plan, Row, Waiting, needs, plan
 from tests.histories import LIMITS, TOPICS, VersionKey
 
 REQUIRED: dict[Entity, tuple[str, ...]] = {
@@ -80,18 +80,8 @@ class FakeTarget:
         """What `write._load_stored` reads: the rows of the changes' ids, the users their
         orders refer to, and the live holders of the emails their users want (copies, so
         that the planner cannot alter the tables)."""
-        user_ids: set[int] = set()
-        order_ids: set[int] = set()
-        emails: set[str] = set()
-        for change in changes:
-            if change.entity == "user":
-                user_ids.add(change.id)
-                if change.row is not None:
-                    emails.add(change.row["email"])
-            else:
-                order_ids.add(change.id)
-                if change.row is not None:
-                    user_ids.add(change.row["user_id"])
+        wanted = needs(changes)
+        user_ids, order_ids, emails = wanted.user_ids, wanted.order_ids, wanted.emails
         users, orders = self.tables["user"], self.tables["order"]
         return {
             "user": {
