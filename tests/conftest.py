@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from sync_service.config import Settings
 
@@ -72,7 +73,8 @@ async def database_url(endpoints: Endpoints) -> AsyncIterator[str]:
 
     server = make_url(endpoints.database_url)
     name = f"sync_test_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(server, isolation_level="AUTOCOMMIT")
+    # No pool: a test may restart the server, and the drop below needs a live connection.
+    admin = create_async_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     try:
         async with admin.connect() as connection:
             await connection.execute(text(f'CREATE DATABASE "{name}"'))
