@@ -25,6 +25,16 @@ async def _consume(settings: Settings, engine: AsyncEngine, total: int) -> None:
         await wait_until(lambda: positions_reached(engine, settings, total), what="positions")
 
 
+async def _settle(settings: Settings, engine: AsyncEngine, what: str) -> None:
+    """Run the service until no change waits any more."""
+    async with running(settings):
+
+        async def settled() -> bool:
+            return await count(engine, "SELECT count(*) FROM pending_changes") == 0
+
+        await wait_until(settled, what=what)
+
+
 async def test_out_of_order_and_duplicate_versions_end_at_the_highest(
     settings: Settings, engine: AsyncEngine
 ) -> None:
@@ -126,12 +136,7 @@ async def test_email_reused_after_delete_and_after_a_move_across_partitions(
         settings.users_topic,
         [delete_event("user", 1, 2), user_event(3, 2, email="c@example.com")],
     )
-    async with running(settings):
-
-        async def settled() -> bool:
-            return await count(engine, "SELECT count(*) FROM pending_changes") == 0
-
-        await wait_until(settled, what="waiting users to apply")
+    await _settle(settings, engine, "waiting users to apply")
     assert await rows(
         engine, "SELECT id, email FROM users WHERE deleted_at IS NULL ORDER BY id"
     ) == [(2, "a@example.com"), (3, "c@example.com"), (4, "b@example.com")]
@@ -152,12 +157,7 @@ async def test_email_swap_between_two_users(settings: Settings, engine: AsyncEng
         [user_event(1, 2, email="y@example.com"), user_event(2, 2, email="x@example.com")],
     )
     await _consume(settings, engine, 4)
-    async with running(settings):
-
-        async def settled() -> bool:
-            return await count(engine, "SELECT count(*) FROM pending_changes") == 0
-
-        await wait_until(settled, what="the swap to apply")
+    await _settle(settings, engine, "the swap to apply")
     assert await rows(engine, "SELECT id, email, version FROM users ORDER BY id") == [
         (1, "y@example.com", 2),
         (2, "x@example.com", 2),
@@ -175,12 +175,7 @@ async def test_orders_and_users_in_any_arrival_order(
     assert await scalar(engine, "SELECT count(*) FROM orders") == 0
     assert await scalar(engine, "SELECT count(*) FROM pending_changes") == 40
     await produce(settings, settings.users_topic, [user_event(100 + i, 1) for i in range(5)])
-    async with running(settings):
-
-        async def settled() -> bool:
-            return await count(engine, "SELECT count(*) FROM pending_changes") == 0
-
-        await wait_until(settled, what="waiting orders to apply")
+    await _settle(settings, engine, "waiting orders to apply")
     assert (
         await scalar(engine, "SELECT count(*) FROM orders WHERE status = 'paid' AND version = 2")
         == 20
