@@ -35,8 +35,9 @@ def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata)
     with context.begin_transaction():
         # DDL waits at most this long for a lock instead of queueing behind a long
-        # transaction (and making every query behind it queue too).
-        context.execute("SET LOCAL lock_timeout = '5s'")
+        # transaction (and making every query behind it queue too). Session-level: an
+        # autocommit_block commits this transaction, and a LOCAL setting would end with it.
+        context.execute("SET lock_timeout = '5s'")
         context.run_migrations()
 
 
