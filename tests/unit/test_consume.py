@@ -1,0 +1,100 @@
+"""The consumer's loop with a fake broker and a fake writer: batches by count, pauses
+fetching while one batch is written and the next is full, and resumes after."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from sync_service.config import Settings
+from sync_service.pipeline.batch import Batch
+from sync_service.pipeline.consume import ChangeConsumer
+from sync_service.pipeline.write import WriteResult
+from tests.factories import encode, user_event
+
+
+@dataclass
+class Record:
+    offset: int
+    key: bytes
+    value: bytes
+
+
+@dataclass
+class FakeKafka:
+    """Hands out `backlog` records of one partition, `max_records` at a time."""
+
+    backlog: list[Record]
+    paused: set[TopicPartition] = field(default_factory=set)
+    tp: TopicPartition = field(default_factory=lambda: TopicPartition("users", 0))
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, list[Record]]:
+        await asyncio.sleep(0)
+        if self.tp in self.paused or not self.backlog:
+            await asyncio.sleep(timeout_ms / 1000)
+            return {}
+        taken, self.backlog = self.backlog[:max_records], self.backlog[max_records:]
+        return {self.tp: taken}
+
+    def assignment(self) -> set[TopicPartition]:
+        return {self.tp}
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused.difference_update(partitions)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        pass
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return 0
+
+
+@dataclass
+class HeldWriter:
+    """Holds every write until `release` is set, so a test decides when a batch commits."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    batches: list[int] = field(default_factory=list)
+
+    async def write(
+        self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
+    ) -> WriteResult:
+        await self.release.wait()
+        self.batches.append(len(batch))
+        return WriteResult(next_offsets=dict(batch.next_offsets))
+
+
+async def test_fetching_pauses_while_a_batch_is_written_and_the_next_is_full() -> None:
+    settings = Settings(
+        users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5
+    )
+    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(35)])
+    writer = HeldWriter()
+    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
+    consumer._consumer = kafka
+    consumer._expected[("users", 0)] = None  # as after an assignment with nothing stored
+    consumer._pending_due = float("inf")  # no sweeps of waiting changes here
+
+    # 1: ten records, a full batch, handed to the writer (held); 2: the next ten fill the
+    # builder; 3: both full, so fetching pauses and nothing more is taken.
+    for _ in range(3):
+        await consumer._step(kafka)
+    assert kafka.paused == {kafka.tp}
+    assert len(kafka.backlog) == 15
+    assert writer.batches == []
+
+    writer.release.set()
+    for _ in range(50):
+        await consumer._step(kafka)
+        if consumer._expected[("users", 0)] == 35:
+            break
+    assert writer.batches == [10, 10, 10, 5]
+    assert consumer._expected[("users", 0)] == 35  # the next offset after the last record
+    assert not kafka.paused
