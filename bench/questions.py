@@ -12,13 +12,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import os
 import platform
 import random
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -52,6 +50,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.base import ExecutableOption
 
+from bench.report import git_version, percentile
 from sync_service.config import Settings
 from sync_service.db.engine import make_engine, make_sessionmaker
 from sync_service.errors import UserError
@@ -137,14 +136,6 @@ QUICK: Final = Plan(
 # --- figures -------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], share: float) -> float:
-    """Nearest rank: the smallest value with at least `share` of the values at or below it."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(share * len(ordered))) - 1]
-
-
 def ms(seconds: float, digits: int = 1) -> float:
     return round(seconds * 1000, digits)
 
@@ -168,8 +159,8 @@ def latency_summary(spans: Sequence[tuple[float, float]]) -> dict[str, Any]:
         return {"count": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
     return {
         "count": len(durations),
-        "p50_ms": ms(percentile(durations, 0.5)),
-        "p99_ms": ms(percentile(durations, 0.99)),
+        "p50_ms": ms(percentile(durations, 50)),
+        "p99_ms": ms(percentile(durations, 99)),
         "max_ms": ms(max(durations)),
     }
 
@@ -320,23 +311,6 @@ def load_average() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-def _git() -> str | None:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
-
-
 async def versions(url: str) -> dict[str, Any]:
     engine = create_async_engine(url, poolclass=NullPool)
     try:
@@ -347,7 +321,7 @@ async def versions(url: str) -> dict[str, Any]:
     found: dict[str, Any] = {"python": platform.python_version(), "postgresql": server}
     for package in ("sqlalchemy", "asyncpg", "alembic"):
         found[package] = metadata.version(package)
-    found["git"] = _git()
+    found["git"] = git_version()
     return found
 
 
@@ -508,8 +482,8 @@ async def run_burst(url: str, plan: Plan, pattern: Pattern, size: int) -> dict[s
         "tasks": size,
         "completed": burst.completed,
         "timeout_errors": burst.timeouts,
-        "wait_p50_ms": ms(percentile(burst.waits, 0.5)) if burst.waits else None,
-        "wait_p99_ms": ms(percentile(burst.waits, 0.99)) if burst.waits else None,
+        "wait_p50_ms": ms(percentile(burst.waits, 50)) if burst.waits else None,
+        "wait_p99_ms": ms(percentile(burst.waits, 99)) if burst.waits else None,
         "total_s": round(total, 2),
         "peak_connections": watch.peak,
         "timeout_message": burst.timeout_message,
@@ -570,12 +544,12 @@ async def pre_ping_cost(url: str, plan: Plan) -> dict[str, Any]:
         times = await _checkout_times(url, pre_ping, plan.checkouts)
         key = "with_pre_ping" if pre_ping else "without_pre_ping"
         found[key] = {
-            "checkout_p50_ms": ms(percentile(times, 0.5), 3),
-            "checkout_p99_ms": ms(percentile(times, 0.99), 3),
+            "checkout_p50_ms": ms(percentile(times, 50), 3),
+            "checkout_p99_ms": ms(percentile(times, 99), 3),
             "round_trips_per_checkout": await _checkout_round_trips(url, pre_ping, 50),
         }
     rtt = await _select_one_times(url, plan.checkouts)
-    found["select_1_round_trip_p50_ms"] = ms(percentile(rtt, 0.5), 3)
+    found["select_1_round_trip_p50_ms"] = ms(percentile(rtt, 50), 3)
     return found
 
 
@@ -838,7 +812,7 @@ async def question_loading(url: str, plan: Plan) -> dict[str, Any]:
             fastest.append(_compare(shape, parents, medians, counted))
     return {
         "shapes": [vars(shape) for shape in plan.shapes],
-        "round_trip_p50_ms": ms(percentile(await _select_one_times(url, 200), 0.5), 3),
+        "round_trip_p50_ms": ms(percentile(await _select_one_times(url, 200), 50), 3),
         "runs": runs,
         "fastest": fastest,
         "lazy_access": lazy,

@@ -189,7 +189,7 @@ def versions(postgres: str, postgres_settings: dict[str, str]) -> dict[str, Any]
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
     found["aiokafka_c_extension"] = _aiokafka_c_extension()
-    found["git"] = _git()
+    found["git"] = git_version()
     return found
 
 
@@ -207,7 +207,8 @@ def _aiokafka_c_extension() -> bool:
     return "_crecords" in default_records.DefaultRecordBatchBuilder.__module__
 
 
-def _git() -> str | None:
+def git_version() -> str | None:
+    """The short commit, with `+dirty` when the work tree has changes."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

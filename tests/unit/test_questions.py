@@ -15,9 +15,9 @@ from bench.questions import (
     first_line,
     latency_summary,
     overlapping,
-    percentile,
     table,
 )
+from bench.report import percentile
 
 
 def _message(kind: bytes, body: bytes = b"") -> bytes:
@@ -64,14 +64,14 @@ def test_wire_since_is_the_difference() -> None:
 
 def test_percentile_is_nearest_rank() -> None:
     values = [float(n) for n in range(100, 0, -1)]
-    assert (percentile(values, 0.5), percentile(values, 0.99), percentile(values, 1.0)) == (
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (
         50.0,
         99.0,
         100.0,
     )
-    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([7.0], 99) == 7.0
     with pytest.raises(ValueError, match="no values"):
-        percentile([], 0.5)
+        percentile([], 50)
 
 
 def test_overlapping_keeps_spans_that_touch_the_window() -> None:
