@@ -214,7 +214,7 @@ async def run_latency(bench: Bench, *, rate: float, seconds: float, seed: int) -
         engine, workload.expected, published, metrics.get("sync_changes_applied_total")
     )
     if exit_code != 0:
-        phase.problems.append(f"the service exited with {exit_code} on SIGTERM: see {service.log}")
+        phase.problems.append(f"the service exited with {exit_code} on SIGTERM: see {service.logs}")
     phase.status = "wrong" if phase.problems else "ok"
     first_send = min(sent.values())
     since = first_send + min(WARMUP_MAX_S, WARMUP_SHARE * seconds)

@@ -261,86 +261,138 @@ def free_port() -> int:
 # --- the service process -------------------------------------------------------------------
 
 
+ROLES = ("consume", "relay")
+"""How the benchmark runs the service: as deployed (deploy/), one process per role, so the
+consumer and the relay each have a core's worth of Python."""
+
+
+@dataclass
+class _Child:
+    role: str
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+
 class ServiceProcess:
-    """`sync-service run` as a child process with its log in a file; optionally under
-    pyinstrument, whose report is written when the service stops."""
+    """The service as child processes, one per role in `ROLES` (`sync-service consume`,
+    `sync-service relay`), each with its log (`<log>.<role>.log`) and its own HTTP port;
+    optionally under pyinstrument, whose reports are written when they stop."""
 
     def __init__(self, run: Run, log: Path, profile: Path | None = None) -> None:
         self.run = run
         self.log = log
         self.profile = profile
-        self._process: subprocess.Popen[bytes] | None = None
-        self._base = f"http://127.0.0.1:{run.settings.http_port}"
+        self._children = [
+            _Child(role, run.settings.http_port if i == 0 else free_port(),
+                   log.with_name(f"{log.stem}.{role}.log"))
+            for i, role in enumerate(ROLES)
+        ]  # fmt: skip
 
-    def start(self) -> int:
+    def start(self) -> list[int]:
+        """Start every role; their pids."""
         script = Path(sys.executable).with_name("sync-service")
-        command = [str(script), "run"]
-        if self.profile is not None:
-            command = [
-                sys.executable,
-                "-m",
-                "pyinstrument",
-                "--renderer",
-                "text",
-                "--outfile",
-                str(self.profile),
-                *command,
-            ]
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as out:
-            self._process = subprocess.Popen(
-                command, env=self.run.env(), stdout=out, stderr=subprocess.STDOUT
-            )
-        return self._process.pid
+        for child in self._children:
+            command = [str(script), child.role]
+            if self.profile is not None:
+                report = self.profile.with_name(f"{self.profile.stem}.{child.role}.txt")
+                command = [sys.executable, "-m", "pyinstrument", "--renderer", "text",
+                           "--outfile", str(report), *command]  # fmt: skip
+            env = {**self.run.env(), "SYNC_HTTP_PORT": str(child.port)}
+            with child.log.open("wb") as out:
+                child.process = subprocess.Popen(
+                    command, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+        return [c.process.pid for c in self._children if c.process is not None]
 
     def exit_code(self) -> int | None:
-        return None if self._process is None else self._process.poll()
+        """The exit code of the first role that has exited, if one has."""
+        for child in self._children:
+            code = None if child.process is None else child.process.poll()
+            if code is not None:
+                return code
+        return None
+
+    @property
+    def logs(self) -> str:
+        """Where the roles log, for a message."""
+        return ", ".join(str(c.log) for c in self._children)
+
+    def exited(self) -> str:
+        """Which roles exited, with what, and where their logs are."""
+        return ", ".join(
+            f"{c.role} exited with {c.process.poll()}: see {c.log}"
+            for c in self._children
+            if c.process is not None and c.process.poll() is not None
+        )
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Until /readyz answers 200 (schema at head, partitions assigned) and the relay
-        holds its lease; a `RuntimeError` naming the log otherwise."""
+        """Until every role's /readyz answers 200 (schema at head, partitions assigned) and
+        the relay holds its lease; a `RuntimeError` naming the log otherwise."""
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             while time.monotonic() < deadline:
                 if self.exit_code() is not None:
-                    raise RuntimeError(
-                        f"the service exited with {self.exit_code()}: see {self.log}"
-                    )
+                    raise RuntimeError(self.exited())
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with http.get(self._base + "/readyz") as ready:
-                        if ready.status == 200 and (await self.metrics(http)).get(
-                            "sync_relay_active", 0.0
-                        ):
-                            return
+                    if all([await self._ready(http, c.port) for c in self._children]) and (
+                        await self.metrics(http)
+                    ).get("sync_relay_active", 0.0):
+                        return
                 await asyncio.sleep(0.05)
-        raise RuntimeError(f"the service was not ready within {timeout_s:.0f}s: see {self.log}")
+        raise RuntimeError(f"the service was not ready within {timeout_s:.0f}s: see {self.logs}")
+
+    @staticmethod
+    async def _ready(http: aiohttp.ClientSession, port: int) -> bool:
+        async with http.get(f"http://127.0.0.1:{port}/readyz") as ready:
+            return ready.status == 200
 
     async def metrics(self, http: aiohttp.ClientSession | None = None) -> dict[str, float]:
-        """The service's Prometheus samples, summed over labels (`name` -> value)."""
+        """The service's Prometheus samples, summed over labels and roles (`name` -> value)."""
+        totals: dict[str, float] = {}
         async with contextlib.AsyncExitStack() as stack:
             if http is None:
                 http = await stack.enter_async_context(aiohttp.ClientSession())
-            async with http.get(self._base + "/metrics") as response:
-                body = await response.text()
-        totals: dict[str, float] = {}
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+            for child in self._children:
+                async with http.get(f"http://127.0.0.1:{child.port}/metrics") as response:
+                    body = await response.text()
+                for family in text_string_to_metric_families(body):
+                    for sample in family.samples:
+                        totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
         return totals
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds each role has spent since it started."""
+        spent = {}
+        for child in self._children:
+            if child.process is not None:
+                with contextlib.suppress(psutil.Error):
+                    spent[child.role] = _cpu_seconds(psutil.Process(child.process.pid))
+        return spent
+
+    def peak_rss(self) -> dict[str, int]:
+        """Each role's peak resident memory so far (the kernel's high-water mark)."""
+        return {
+            c.role: _high_water_mark(c.process.pid) for c in self._children if c.process is not None
+        }
+
     def stop(self, timeout_s: float = 60.0) -> int:
-        """SIGTERM (the service finishes its batch and leaves the group), SIGKILL if it hangs."""
-        process = self._process
-        if process is None:
-            return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        """SIGTERM every role (the consumer finishes its batch and leaves the group), SIGKILL
+        one that hangs; the first non-zero exit code, else 0."""
+        running = [c.process for c in self._children if c.process is not None]
+        for process in running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = []
+        for process in running:
             try:
                 process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        return process.returncode
+            codes.append(process.returncode)
+        return next((code for code in codes if code != 0), 0)
 
 
 # --- what the machine spends ---------------------------------------------------------------
@@ -368,13 +420,15 @@ def _role(process: psutil.Process) -> str | None:
     return None
 
 
-def _cpu_by_role(target: int, children: bool) -> dict[tuple[str, int], float]:
-    """CPU seconds so far per (role, pid); the measured process (with its children, if
-    asked) is `measured`, even when it is this very process."""
+def _cpu_by_role(targets: list[int], children: bool) -> dict[tuple[str, int], float]:
+    """CPU seconds so far per (role, pid); the measured processes (with their children, if
+    asked) are `measured`, even when one is this very process."""
     found: dict[tuple[str, int], float] = {}
-    family = {target}
+    family = set(targets)
     if children:
-        family.update(c.pid for c in _children(psutil.Process(target)))
+        for target in targets:
+            with contextlib.suppress(psutil.Error):
+                family.update(c.pid for c in _children(psutil.Process(target)))
     for process in psutil.process_iter():
         role = "measured" if process.pid in family else _role(process)
         if role is not None:
@@ -391,15 +445,18 @@ def _children(process: psutil.Process) -> list[psutil.Process]:
 
 
 class Usage:
-    """Over a window: CPU seconds of the measured process (and its children), of
-    PostgreSQL, Kafka, Kafka Connect and the whole machine, and the measured tree's peak
-    RSS (sampled, and the kernel's high-water mark of the process itself).
+    """Over a window: CPU seconds of the measured processes (and their children), of
+    PostgreSQL, Kafka, Kafka Connect and the whole machine, and the measured processes'
+    peak RSS together (sampled, and the sum of the kernel's high-water marks, which may
+    exceed the sampled peak when the processes peak at different times).
 
     Processes are re-read every second, so that one which ends within the window (a
     database backend of a closed connection) still counts, less its last second."""
 
-    def __init__(self, pid: int, *, children: bool = True, sample_s: float = 0.1) -> None:
-        self.pid = pid
+    def __init__(
+        self, pids: int | list[int], *, children: bool = True, sample_s: float = 0.1
+    ) -> None:
+        self.pids = [pids] if isinstance(pids, int) else list(pids)
         self._children = children
         self._sample_s = sample_s
         self._peak = 0
@@ -412,28 +469,30 @@ class Usage:
         self._started = 0.0
 
     def start(self) -> None:
-        self._cpu_before = _cpu_by_role(self.pid, self._children)
+        self._cpu_before = _cpu_by_role(self.pids, self._children)
         self._cpu_last = dict(self._cpu_before)
         self._machine_before = psutil.cpu_times()
         self._started = time.monotonic()
         self._thread.start()
 
     def _sample(self) -> None:
-        process = psutil.Process(self.pid)
+        processes = [psutil.Process(pid) for pid in self.pids]
         every = max(1, round(1.0 / self._sample_s))
         ticks = 0
         while not self._stop.wait(self._sample_s):
             ticks += 1
             try:
-                rss = process.memory_info().rss
-                if self._children:
-                    rss += sum(c.memory_info().rss for c in _children(process))
-                self._hwm = max(self._hwm, _high_water_mark(self.pid))
+                rss = 0
+                for process in processes:
+                    rss += process.memory_info().rss
+                    if self._children:
+                        rss += sum(c.memory_info().rss for c in _children(process))
+                self._hwm = max(self._hwm, sum(_high_water_mark(pid) for pid in self.pids))
             except psutil.Error:
                 return
             self._peak = max(self._peak, rss)
             if ticks % every == 0:
-                self._cpu_last.update(_cpu_by_role(self.pid, self._children))
+                self._cpu_last.update(_cpu_by_role(self.pids, self._children))
 
     def stop(self) -> dict[str, Any]:
         """The figures; call it while the measured process still runs."""
@@ -441,7 +500,7 @@ class Usage:
         machine = psutil.cpu_times()
         self._stop.set()
         self._thread.join()
-        self._cpu_last.update(_cpu_by_role(self.pid, self._children))
+        self._cpu_last.update(_cpu_by_role(self.pids, self._children))
         spent: dict[str, float] = {}
         for (role, pid), seconds in self._cpu_last.items():
             spent[role] = spent.get(role, 0.0) + seconds - self._cpu_before.get((role, pid), 0.0)
@@ -612,7 +671,7 @@ async def watch(
     while True:
         now = time.monotonic()
         if service.exit_code() is not None:
-            timeline.problem = f"the service exited with {service.exit_code()}: see {service.log}"
+            timeline.problem = service.exited()
             return timeline
         seen = await progress(engine, group)
         if timeline.first_commit is None and seen.consumed > 0:
@@ -627,7 +686,7 @@ async def watch(
         elif now - last_move > STALL_S:
             timeline.problem = (
                 f"stalled: {seen.consumed:,} of {total:,} records stored, "
-                f"waiting changes: {seen.waiting}; see {service.log}"
+                f"waiting changes: {seen.waiting}; see {service.logs}"
             )
             return timeline
         if now - last_print >= PROGRESS_EVERY_S:
@@ -696,9 +755,15 @@ async def run_sync_service(
         with contextlib.suppress(RuntimeError):  # `watch` reports a service that never came up
             await service.wait_ready()
         ready = time.monotonic()
+        cpu_at_ready = service.cpu_seconds()
         timeline = await watch(service, bench.database.engine, tail, total, "sync_service")
         metrics = await service.metrics() if timeline.problem is None else {}
         spent = usage.stop()
+        by_role = {
+            role: round(seconds - cpu_at_ready.get(role, 0.0), 2)
+            for role, seconds in service.cpu_seconds().items()
+        }
+        rss_by_role = service.peak_rss()
     finally:
         exit_code = service.stop()
         await tail.stop()
@@ -713,7 +778,7 @@ async def run_sync_service(
         metrics.get("sync_changes_applied_total"),
     )
     if exit_code != 0:
-        phase.problems.append(f"the service exited with {exit_code} on SIGTERM: see {service.log}")
+        phase.problems.append(f"the service exited with {exit_code} on SIGTERM: see {service.logs}")
     phase.status = "wrong" if phase.problems else "ok"
     # The window opens once the service is up (schema checked, partitions assigned, relay
     # leading): the drain itself, without the process start and the group join.
@@ -734,10 +799,12 @@ async def run_sync_service(
         "downstream_events": downstream.messages,
         "peak_rss_bytes": max(spent["peak_rss_bytes"], spent["rss_high_water_mark_bytes"] or 0),
         "usage": spent,
+        "cpu_seconds_by_role": by_role,
+        "peak_rss_bytes_by_role": rss_by_role,
         "service_metrics": selected_metrics(metrics),
         "service_settings": service_settings(run.settings),
         "profiled": profile is not None,
-        "log": str(service.log),
+        "logs": service.logs,
     }
     return phase
 
@@ -755,6 +822,7 @@ def selected_metrics(metrics: dict[str, float]) -> dict[str, float]:
         "sync_events_consumed_total",
         "sync_changes_applied_total",
         "sync_changes_stale_total",
+        "sync_changes_waited_total",
         "sync_dead_letters_total",
         "sync_outbox_published_total",
         "sync_batch_records_sum",

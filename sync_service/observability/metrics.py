@@ -12,6 +12,10 @@ APPLIED = Counter("sync_changes_applied_total", "Changes that advanced a row.", 
 STALE = Counter(
     "sync_changes_stale_total", "Duplicate or older changes that changed nothing.", ["entity"]
 )
+WAITED = Counter(
+    "sync_changes_waited_total",
+    "Changes that had to wait (an order before its user, an email still held).",
+)
 DEAD_LETTERED = Counter(
     "sync_dead_letters_total", "Records kept in the dead-letter store.", ["topic", "kind"]
 )

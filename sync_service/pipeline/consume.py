@@ -2,9 +2,11 @@
 
 Positions live in PostgreSQL; on assignment the consumer seeks to them, and after each
 committed batch it also commits them to Kafka (best effort) so that standard lag tools
-see the truth. One batch is written at a time while the next one fills; when that one
-is full too, fetching pauses (backpressure) until the write is done. On revoke and on
-stop, the batch in flight finishes (or, past the grace period, is rolled back whole).
+see the truth. Fetched records are buffered per partition and taken oldest first across
+partitions (`align`); one batch is written at a time while the next one fills, and a
+partition whose buffer holds its share of a batch pauses (backpressure) until it
+drains. On revoke and on stop, the batch in flight finishes (or, past the grace period,
+is rolled back whole).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from sync_service.config import Settings
 from sync_service.events.change import Entity
 from sync_service.observability import metrics
+from sync_service.pipeline.align import Aligner
 from sync_service.pipeline.batch import Batch, BatchBuilder
 from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.write import BatchWriter, Fenced, WriteResult
@@ -61,7 +64,10 @@ class ChangeConsumer:
         self._rebalancing = False
         self._pending_due = 0.0
         """When to next retry the oldest waiting changes (a sweep), whatever arrives."""
-        self._paused = False
+        self._paused: set[TP] = set()
+        self._aligner: Aligner[ConsumerRecord[bytes, bytes]] = Aligner(
+            settings.batch_max_wait_ms / 1000
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
 
@@ -92,26 +98,29 @@ class ChangeConsumer:
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
         self._apply_backpressure(consumer)
-        room = max(
-            1,
-            min(
-                self._settings.poll_max_records,
-                self._settings.batch_max_events - len(self._builder),
-            ),
+        fetched = await consumer.getmany(
+            timeout_ms=self._settings.batch_max_wait_ms,
+            max_records=self._settings.poll_max_records,
         )
-        wait_ms = self._settings.batch_max_wait_ms
-        fetched = await consumer.getmany(timeout_ms=wait_ms, max_records=room)
         now = self._clock()
         for tp, records in fetched.items():
             if (tp.topic, tp.partition) not in self._expected:
                 continue  # revoked while the fetch was under way
-            entity = self._entities[tp.topic]
-            for record in records:
+            self._aligner.add((tp.topic, tp.partition), records)
+            metrics.CONSUMED.labels(tp.topic).inc(len(records))
+        room = self._settings.batch_max_events - len(self._builder)
+        if room > 0 and len(self._aligner):
+            behind = [
+                tp
+                for tp in self._expected
+                if not self._aligner.buffered(tp) and await _behind(consumer, tp)
+            ]
+            for (topic, partition), record in self._aligner.release(room, behind, now):
                 self._builder.add(
                     decode(
-                        entity=entity,
-                        topic=tp.topic,
-                        partition=tp.partition,
+                        entity=self._entities[topic],
+                        topic=topic,
+                        partition=partition,
                         offset=record.offset,
                         key=record.key,
                         value=record.value,
@@ -119,7 +128,6 @@ class ChangeConsumer:
                     ),
                     now,
                 )
-            metrics.CONSUMED.labels(tp.topic).inc(len(records))
         if self._inflight is not None and self._inflight.done():
             task, self._inflight = self._inflight, None
             task.result()  # a defect (not a transient failure) stops the service here
@@ -131,13 +139,24 @@ class ChangeConsumer:
                 self._start(batch)
 
     def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
-        should_pause = self._inflight is not None and self._builder.full()
-        if should_pause and not self._paused:
-            consumer.pause(*consumer.assignment())
-        elif self._paused and not should_pause:
-            consumer.resume(*consumer.assignment())
-        self._paused = should_pause
-        metrics.PAUSED.set(int(should_pause))
+        """Pause a partition whose buffer holds its share of a batch; resume it once that
+        is half gone. So at most three batches are held (one written, one built, one
+        buffered), and every partition's oldest records are at hand."""
+        share = max(1, self._settings.batch_max_events // max(1, len(self._expected)))
+        pause, resume = [], []
+        for tp in self._expected:
+            size = self._aligner.buffered(tp)
+            if tp not in self._paused and size >= share:
+                pause.append(tp)
+            elif tp in self._paused and size < share // 2:
+                resume.append(tp)
+        if pause:
+            consumer.pause(*(TopicPartition(*tp) for tp in pause))
+            self._paused.update(pause)
+        if resume:
+            consumer.resume(*(TopicPartition(*tp) for tp in resume))
+            self._paused.difference_update(resume)
+        metrics.PAUSED.set(int(bool(self._paused)))
 
     def _start(self, batch: Batch) -> None:
         if batch.sweep:
@@ -169,6 +188,7 @@ class ChangeConsumer:
             metrics.APPLIED.labels(entity).inc(count)
         for entity, count in result.stale.items():
             metrics.STALE.labels(entity).inc(count)
+        metrics.WAITED.inc(result.waiting)
         for dead in batch.dead:
             metrics.DEAD_LETTERED.labels(dead.source.topic, dead.kind).inc()
             log.warning(
@@ -221,6 +241,8 @@ class ChangeConsumer:
             with contextlib.suppress(KeyError):
                 metrics.LAG.remove(tp[0], str(tp[1]))
         self._builder.drop(revoked)
+        self._aligner.drop(revoked)
+        self._paused.difference_update(revoked)
 
     async def on_assigned(self, assigned: set[TP]) -> None:
         for tp in assigned:
@@ -239,6 +261,7 @@ class ChangeConsumer:
             "read positions", lambda: self._writer.positions(partitions), self._backoff
         )
         self._builder.drop(set(partitions))
+        self._aligner.drop(partitions)
         fresh = []
         for tp in partitions:
             position = positions.get(tp)
@@ -263,6 +286,19 @@ class ChangeConsumer:
         finally:
             self._expected.clear()
             await consumer.stop()
+
+
+async def _behind(consumer: AIOKafkaConsumer, tp: TP) -> bool:
+    """Whether `tp` has committed records this consumer has not fetched yet (unknown
+    until a fetch has answered for it, which counts as behind)."""
+    partition = TopicPartition(*tp)
+    end = consumer.last_stable_offset(partition)
+    if end is None or end < 0:
+        end = consumer.highwater(partition)
+    try:
+        return end is None or await consumer.position(partition) < end
+    except IllegalStateError:  # revoked meanwhile
+        return False
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -28,7 +28,7 @@ from sync_service.db.models import (
     PendingChange,
     User,
 )
-from sync_service.db.statements import as_arrays, insert_rows, upsert_rows
+from sync_service.db.statements import as_arrays, copy_rows, upsert_rows
 from sync_service.events.change import Change, Entity, Source
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
@@ -41,12 +41,8 @@ _UPSERTS: dict[Entity, Insert] = {
     "user": upsert_rows(User.__table__, COLUMNS["user"]),  # type: ignore[arg-type]
     "order": upsert_rows(Order.__table__, COLUMNS["order"]),  # type: ignore[arg-type]
 }
+_OUTBOX = OutboxEvent.__table__
 _OUTBOX_COLUMNS = ("aggregate_type", "aggregate_id", "event_type", "event_id", "version", "payload")
-_INSERT_OUTBOX = insert_rows(
-    OutboxEvent.__table__,  # type: ignore[arg-type]
-    _OUTBOX_COLUMNS,
-    json_columns=("payload",),
-)
 # Keys of waiting changes travel as arrays and are joined server-side: a row-value IN
 # list of ~10k literal tuples would exceed PostgreSQL's stack depth.
 _KEYS = (
@@ -229,7 +225,7 @@ class BatchWriter:
             result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)
         if todo.applied:
             outbox = [_outbox_row(a.change, a.row) for a in todo.applied]
-            await session.execute(_INSERT_OUTBOX, as_arrays(outbox, _OUTBOX_COLUMNS))
+            await copy_rows(session, _OUTBOX, _OUTBOX_COLUMNS, outbox)  # type: ignore[arg-type]
             await session.execute(_NOTIFY)
             result.outbox = len(outbox)
         if todo.unpend:
@@ -325,16 +321,11 @@ def _ids(values: list[int]) -> Any:
     return bindparam(None, values, ARRAY(BigInteger))
 
 
-def _outbox_row(change: Change, row: Row) -> dict[str, Any]:
+def _outbox_row(change: Change, row: Row) -> tuple[str, str, str, str, int, str]:
+    """One outbox row, in `_OUTBOX_COLUMNS` order."""
     event_id = downstream_event_text(change.event_id)
-    return {
-        "aggregate_type": change.entity,
-        "aggregate_id": str(change.id),
-        "event_type": event_type(change),
-        "event_id": event_id,
-        "version": change.version,
-        "payload": orjson.dumps(outbound_value(change, row, event_id), default=str).decode(),
-    }
+    payload = orjson.dumps(outbound_value(change, row, event_id), default=str).decode()
+    return change.entity, str(change.id), event_type(change), event_id, change.version, payload
 
 
 def _pending_row(waiting: Waiting) -> dict[str, Any]:

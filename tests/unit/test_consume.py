@@ -1,5 +1,6 @@
 """The consumer's loop with a fake broker and a fake writer: batches by count, pauses
-fetching while one batch is written and the next is full, and resumes after."""
+a partition once it buffers a batch's worth while one is written and the next is
+built, and resumes after."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class Record:
     offset: int
     key: bytes
     value: bytes
+    timestamp: int = 0
 
 
 @dataclass
@@ -31,6 +33,9 @@ class FakeKafka:
     backlog: list[Record]
     paused: set[TopicPartition] = field(default_factory=set)
     tp: TopicPartition = field(default_factory=lambda: TopicPartition("users", 0))
+
+    def __post_init__(self) -> None:
+        self.end = len(self.backlog)
 
     async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, list[Record]]:
         await asyncio.sleep(0)
@@ -53,7 +58,13 @@ class FakeKafka:
         pass
 
     def highwater(self, tp: TopicPartition) -> int:
-        return 0
+        return self.end
+
+    def last_stable_offset(self, tp: TopicPartition) -> int:
+        return self.end
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.end - len(self.backlog)
 
 
 @dataclass
@@ -71,7 +82,7 @@ class HeldWriter:
         return WriteResult(next_offsets=dict(batch.next_offsets))
 
 
-async def test_fetching_pauses_while_a_batch_is_written_and_the_next_is_full() -> None:
+async def test_a_partition_pauses_once_it_buffers_a_batch_while_one_is_written() -> None:
     settings = Settings(
         users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5
     )
@@ -83,11 +94,11 @@ async def test_fetching_pauses_while_a_batch_is_written_and_the_next_is_full() -
     consumer._pending_due = float("inf")  # no sweeps of waiting changes here
 
     # 1: ten records, a full batch, handed to the writer (held); 2: the next ten fill the
-    # builder; 3: both full, so fetching pauses and nothing more is taken.
-    for _ in range(3):
+    # builder; 3: ten more are buffered; 4: a batch's worth buffered, so it pauses.
+    for _ in range(4):
         await consumer._step(kafka)
     assert kafka.paused == {kafka.tp}
-    assert len(kafka.backlog) == 15
+    assert len(kafka.backlog) == 5
     assert writer.batches == []
 
     writer.release.set()
