@@ -1,8 +1,12 @@
 """outbox payload as json
 
 The relay publishes the payload exactly as written, so PostgreSQL need not parse it into
-jsonb and render it back: `json` keeps the text (still checked to be JSON), which costs
-about half as much to insert and to read (bench/README.md).
+jsonb and render it back: `json` keeps the text as written (still checked to be JSON),
+so every outbox row costs the server less to insert and to read.
+
+A retype, which deploy/README.md otherwise rules out, is safe here: the outbox holds only
+rows not yet published (so the rewrite under its lock is short), and the previous
+release keeps working against the new column (jsonb to json is an assignment cast).
 
 Revision ID: 0002
 Revises: 0001

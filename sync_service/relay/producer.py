@@ -12,18 +12,17 @@ import logging
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from sync_service.config import Settings
 from sync_service.relay.outbox import Message
+from sync_service.relay.partition import partition_index
 
 log = logging.getLogger(__name__)
 
 _MAX_BATCH_BYTES = 512 * 1024
 """Per partition and request: a chunk of a few thousand events goes in a few requests."""
 _stopping: set[asyncio.Task[None]] = set()
-_PARTITIONER = DefaultPartitioner()
 
 
 def make_producer(settings: Settings) -> AIOKafkaProducer:
@@ -50,24 +49,26 @@ async def publish(producer: AIOKafkaProducer, messages: Sequence[Message]) -> No
     failed can never be left out of a transaction that commits."""
     await producer.begin_transaction()
     partitions: dict[str, list[int]] = {}
-    open_batches: dict[tuple[str, int], BatchBuilder] = {}
+    # Per topic, the open batch of each partition (by index in `partitions`).
+    open_batches: dict[str, list[BatchBuilder | None]] = {}
     sent: list[asyncio.Future[object]] = []
-    for message in messages:
-        if message.topic not in partitions:
-            partitions[message.topic] = sorted(await producer.partitions_for(message.topic))
-        every = partitions[message.topic]
-        tp = (message.topic, _PARTITIONER(message.key, every, every))
-        batch = open_batches.get(tp)
+    for topic, key, value, headers in messages:
+        batches = open_batches.get(topic)
+        if batches is None:
+            partitions[topic] = sorted(await producer.partitions_for(topic))
+            batches = open_batches[topic] = [None] * len(partitions[topic])
+        index = partition_index(key, len(batches))
+        batch = batches[index]
         if batch is None:
-            batch = open_batches[tp] = producer.create_batch()
-        if batch.append(key=message.key, value=message.value, timestamp=None,
-                        headers=message.headers) is None:  # fmt: skip
-            sent.append(await producer.send_batch(batch, tp[0], partition=tp[1]))
-            batch = open_batches[tp] = producer.create_batch()
-            batch.append(key=message.key, value=message.value, timestamp=None,
-                         headers=message.headers)  # fmt: skip
-    for (topic, partition), batch in open_batches.items():
-        sent.append(await producer.send_batch(batch, topic, partition=partition))
+            batch = batches[index] = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            sent.append(await producer.send_batch(batch, topic, partition=partitions[topic][index]))
+            batch = batches[index] = producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None, headers=headers)
+    for topic, batches in open_batches.items():
+        for partition, batch in zip(partitions[topic], batches, strict=True):
+            if batch is not None:
+                sent.append(await producer.send_batch(batch, topic, partition=partition))
     await asyncio.gather(*sent)
     await producer.commit_transaction()
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from operator import itemgetter
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
@@ -25,13 +26,13 @@ from sync_service.observability import metrics
 from sync_service.pipeline.write import OUTBOX_CHANNEL
 from sync_service.relay.lease import Lease, lock_key
 from sync_service.relay.outbox import (
-    Message,
-    OutboxRow,
+    OutboxRecord,
     backlog,
     fetch_after,
     next_txid,
+    position_of,
     prune_through,
-    to_message,
+    to_messages,
 )
 from sync_service.relay.position import (
     Position,
@@ -141,20 +142,24 @@ class OutboxRelay:
             if len(rows) < chunk:
                 await _wait_any([wake, stop], self._settings.relay_poll_ms / 1000)
 
-    async def _publish(self, producer: AIOKafkaProducer, rows: Sequence[OutboxRow]) -> Position:
+    async def _publish(self, producer: AIOKafkaProducer, rows: Sequence[OutboxRecord]) -> Position:
         """Commit `rows` and the position after them to Kafka; return that position."""
         started = time.perf_counter()
-        after = rows[-1].position
-        messages = [to_message(row, self._topics) for row in rows]
-        marker = Message(
-            self._settings.relay_position_topic,
-            self._settings.relay_transactional_id.encode(),
-            encode_position(after),
-            [],
+        after = position_of(rows[-1])
+        messages = to_messages(rows, self._topics)
+        published = Counter(map(itemgetter(0), messages))
+        settings = self._settings
+        messages.append(
+            (
+                settings.relay_position_topic,
+                settings.relay_transactional_id.encode(),
+                encode_position(after),
+                [],
+            )
         )
-        await asyncio.wait_for(publish(producer, [*messages, marker]), PUBLISH_TIMEOUT_S)
+        await asyncio.wait_for(publish(producer, messages), PUBLISH_TIMEOUT_S)
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        for topic, count in Counter(m.topic for m in messages).items():
+        for topic, count in published.items():
             metrics.PUBLISHED.labels(topic).inc(count)
         self._backoff.reset()
         return after

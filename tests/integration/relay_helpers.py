@@ -85,6 +85,7 @@ class Published:
     value: dict[str, Any]
     headers: dict[str, bytes]
     timestamp_ms: int
+    raw_value: bytes
 
     @property
     def event_id(self) -> str:
@@ -120,7 +121,7 @@ class Downstream:
             for tp, records in fetched.items():
                 self.records.extend(
                     Published(tp.topic, tp.partition, r.offset, r.key, orjson.loads(r.value),
-                              dict(r.headers), r.timestamp)
+                              dict(r.headers), r.timestamp, r.value)
                     for r in records
                 )  # fmt: skip
             self._arrived.set()

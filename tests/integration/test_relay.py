@@ -8,6 +8,7 @@ import random
 import uuid
 from collections import Counter
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
@@ -88,6 +89,37 @@ async def test_each_applied_change_is_published_once_with_the_contract_key_value
     assert await rows(
         engine, "SELECT count(DISTINCT txid), count(*) FROM outbox WHERE aggregate_id = '10'"
     ) == [(1, 3)]
+
+
+async def test_rows_are_published_as_postgresql_renders_them_byte_for_byte(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """Key, value and headers are the stored text as UTF-8 whatever characters it holds,
+    and rows too large to share one batch still go out in order."""
+    settings = settings.model_copy(update={"relay_prune_every_s": 3600})
+    await create_out_topics(settings)
+    # The second and third are too large to share a batch (512 KiB) with each other.
+    names = ['Zoë "Ω" 東京 \\ \u2028 😀', "a" * 300_000, "b" * 300_000, "c"]
+    written = [outbox_row("user", 1, version) for version in (1, 2, 3, 4)]
+    for row, name in zip(written, names, strict=True):
+        payload = orjson.loads(row["payload"])
+        payload["data"]["name"] = name
+        row["payload"] = orjson.dumps(payload).decode()
+    async with engine.begin() as connection:
+        await insert_outbox(connection, written)
+    stored = await rows(
+        engine,
+        "SELECT aggregate_id, payload::text, event_type, event_id::text FROM outbox ORDER BY id",
+    )
+    async with Downstream(settings) as downstream:
+        async with running(settings, consume=False, relay=relay_part):
+            await downstream.wait_for(len(written))
+        published = await downstream.drain()
+    assert [
+        (p.key, p.raw_value, p.headers["event_type"], p.headers["event_id"])
+        for p in sorted(published, key=lambda p: p.offset)
+    ] == [tuple(field.encode() for field in row) for row in stored]
+    assert [p.value["data"]["name"] for p in sorted(published, key=lambda p: p.offset)] == names
 
 
 async def test_a_row_committed_late_is_neither_skipped_nor_reordered(

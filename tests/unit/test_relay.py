@@ -1,9 +1,11 @@
-"""The relay's pure parts: rows to messages, the position and how it is found again, the
-lock key, and the transaction discipline of `publish` (against a fake producer)."""
+"""The relay's pure parts: rows to messages, Kafka's partition of a key, the position and
+how it is found again, the lock key, and the transaction discipline of `publish` (against
+a fake producer)."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -11,9 +13,11 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as kafka_murmur2
 
 from sync_service.relay.lease import lock_key
-from sync_service.relay.outbox import Message, OutboxRow, to_message
+from sync_service.relay.outbox import Message, OutboxRecord, position_of, to_messages
+from sync_service.relay.partition import murmur2, partition_index
 from sync_service.relay.position import (
     START,
     Position,
@@ -27,39 +31,56 @@ TOPICS = {"user": "out.users", "order": "out.orders"}
 EVENT_ID = uuid.UUID("2b1f0c7e-8a55-4c1e-9d3e-6f1a2b3c4d5e")
 
 
-def _row(aggregate_type: str = "order", row_id: int = 7) -> OutboxRow:
+def _row(aggregate_type: str = "order", row_id: int = 7, aggregate_id: str = "42") -> OutboxRecord:
+    """A fetched row as PostgreSQL sends it: the published fields already UTF-8."""
     payload = {"event_id": str(EVENT_ID), "type": f"{aggregate_type}.upserted", "version": 3}
-    return OutboxRow(
-        txid=1000,
-        id=row_id,
-        aggregate_type=aggregate_type,
-        aggregate_id="42",
-        event_type=f"{aggregate_type}.upserted",
-        event_id=str(EVENT_ID),
-        payload=orjson.dumps(payload).decode(),
+    return (
+        1000,
+        row_id,
+        aggregate_type,
+        aggregate_id.encode(),
+        orjson.dumps(payload),
+        f"{aggregate_type}.upserted".encode(),
+        str(EVENT_ID).encode(),
     )
 
 
-def test_a_row_becomes_the_contract_message_on_its_aggregates_topic() -> None:
-    for aggregate_type, topic in TOPICS.items():
-        row = _row(aggregate_type)
-        message = to_message(row, TOPICS)
-        assert (message.topic, message.key) == (topic, b"42")
-        assert message.value == row.payload.encode()
-        assert message.headers == [
-            ("event_type", f"{aggregate_type}.upserted".encode()),
-            ("event_id", str(EVENT_ID).encode()),
-        ]
+def test_rows_become_the_contract_messages_on_their_aggregates_topics_in_order() -> None:
+    rows = [_row("user", 1, "7"), _row("order", 2, "42"), _row("user", 3, "8")]
+    event_id = ("event_id", str(EVENT_ID).encode())
+    assert to_messages(rows, TOPICS) == [
+        ("out.users", b"7", rows[0][4], [("event_type", b"user.upserted"), event_id]),
+        ("out.orders", b"42", rows[1][4], [("event_type", b"order.upserted"), event_id]),
+        ("out.users", b"8", rows[2][4], [("event_type", b"user.upserted"), event_id]),
+    ]
+    assert to_messages([], TOPICS) == []
 
 
 def test_a_row_of_an_unknown_aggregate_stops_the_relay_instead_of_being_skipped() -> None:
-    with pytest.raises(ValueError, match="unknown aggregate_type 'invoice'"):
-        to_message(_row("invoice"), TOPICS)
+    rows = [_row("user", 1), _row("invoice", 2), _row("order", 3)]
+    with pytest.raises(ValueError, match="outbox row 2: unknown aggregate_type 'invoice'"):
+        to_messages(rows, TOPICS)
 
 
 def test_positions_order_by_transaction_id_first() -> None:
     assert Position(5, 1) > Position(4, 99) > Position(4, 98) > START
-    assert _row(row_id=9).position == Position(1000, 9)
+    assert position_of(_row(row_id=9)) == Position(1000, 9)
+
+
+def test_murmur2_is_kafkas_for_keys_of_every_length() -> None:
+    rng = random.Random(5)
+    keys = [rng.randbytes(rng.randrange(0, 70)) for _ in range(5_000)]
+    keys += [str(n).encode() for n in [*range(1_000), 2**31, 2**63 - 1]]
+    keys += ["ünïcødé-42".encode(), b"\xff" * 13]
+    assert [murmur2(k) for k in keys] == [kafka_murmur2(k) for k in keys]
+
+
+def test_a_keys_partition_is_the_one_any_kafka_client_picks() -> None:
+    partitioner = DefaultPartitioner()
+    for count in (1, 3, 12, 100):
+        every = list(range(count))
+        for key in [str(n).encode() for n in range(2_000)]:
+            assert partition_index(key, count) == partitioner(key, every, every)
 
 
 def test_a_position_survives_its_encoding() -> None:
@@ -149,11 +170,7 @@ class FakeProducer:
         self.calls.append("stopped")
 
 
-MESSAGES = [
-    Message("a", b"1", b"{}", []),
-    Message("b", b"2", b"{}", []),
-    Message("pos", b"r", b"{}", []),
-]
+MESSAGES: list[Message] = [("a", b"1", b"{}", []), ("b", b"2", b"{}", []), ("pos", b"r", b"{}", [])]
 
 
 def _partition(key: bytes) -> int:
@@ -177,7 +194,7 @@ async def test_publish_sends_every_record_inside_one_transaction() -> None:
 async def test_publish_keeps_the_order_of_each_partition_across_full_batches() -> None:
     producer = FakeProducer(room=2)
     keys = [str(i).encode() for i in range(20)]
-    await publish(producer, [Message("a", k, b"{}", []) for k in keys])
+    await publish(producer, [("a", k, b"{}", []) for k in keys])
     sent: dict[int, list[bytes]] = {}
     for _, partition, batch in producer.calls[1:-1]:
         assert len(batch) <= 2
