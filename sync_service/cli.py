@@ -86,26 +86,30 @@ def _print_json(value: Any) -> None:
 def run() -> None:
     """Consumer and relay in one process: the one-machine default."""
     from sync_service.relay.publish import relay_part
-    from sync_service.service import serve
 
-    _run(serve(_settings(), consume=True, relay=relay_part))
+    _serve(consume=True, relay=relay_part)
 
 
 @app.command()
 def consume() -> None:
     """Only the consumer (Kafka -> PostgreSQL), to scale it apart from the relay."""
-    from sync_service.service import serve
-
-    _run(serve(_settings(), consume=True))
+    _serve(consume=True)
 
 
 @app.command()
 def relay() -> None:
     """Only the relay (outbox -> Kafka); replicas elect one active publisher."""
     from sync_service.relay.publish import relay_part
-    from sync_service.service import serve
 
-    _run(serve(_settings(), consume=False, relay=relay_part))
+    _serve(consume=False, relay=relay_part)
+
+
+def _serve(**parts: Any) -> None:
+    from sync_service.service import serve, tune_gc
+
+    settings = _settings()
+    tune_gc()
+    _run(serve(settings, **parts))
 
 
 @db_app.command("upgrade")

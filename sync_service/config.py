@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     retry_max_ms: int = Field(default=10_000, ge=1)
 
     # Relay.
-    relay_chunk: int = Field(default=5_000, ge=1)
+    relay_chunk: int = Field(default=2_000, ge=1)
     relay_poll_ms: int = Field(default=500, ge=10)
     relay_transactional_id: str = "sync-service-relay"
     relay_position_topic: str = "sync.relay-position"
