@@ -33,6 +33,11 @@ from sync_service.retry import Backoff, describe, retrying
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+FETCH_BYTES_PER_PARTITION = 256 * 1024
+ALIGN_MAX_HOLD_S = 0.2
+"""How long newer records may wait for a partition that is behind to deliver older ones.
+Only a backlog holds records back (a partition that is caught up never does), so this
+bounds a drain's stalls, not the latency of live traffic."""
 
 
 class ChangeConsumer:
@@ -65,9 +70,7 @@ class ChangeConsumer:
         self._pending_due = 0.0
         """When to next retry the oldest waiting changes (a sweep), whatever arrives."""
         self._paused: set[TP] = set()
-        self._aligner: Aligner[ConsumerRecord[bytes, bytes]] = Aligner(
-            settings.batch_max_wait_ms / 1000
-        )
+        self._aligner: Aligner[ConsumerRecord[bytes, bytes]] = Aligner(ALIGN_MAX_HOLD_S)
         self._consumer: AIOKafkaConsumer | None = None
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
 
@@ -85,7 +88,9 @@ class ChangeConsumer:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
-            max_partition_fetch_bytes=max(1_048_576, settings.max_message_bytes + 1024),
+            # Small per-partition fetches keep the buffers near their share of a batch
+            # (a larger record still arrives whole: the broker always returns the first).
+            max_partition_fetch_bytes=FETCH_BYTES_PER_PARTITION,
         )
         self._consumer = consumer
         await retrying("kafka connect", consumer.start, self._backoff, stop=stop)
