@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 FETCH_BYTES_PER_PARTITION = 256 * 1024
 ALIGN_MAX_HOLD_S = 0.2
-"""How long newer records may wait for a partition that is behind to deliver older ones.
-Only a backlog holds records back (a partition that is caught up never does), so this
-bounds a drain's stalls, not the latency of live traffic."""
+"""How long newer records may wait for a partition with a backlog to deliver older ones;
+a partition within its share of a batch of its end holds nothing back."""
 
 
 class ChangeConsumer:
@@ -118,7 +117,7 @@ class ChangeConsumer:
             behind = [
                 tp
                 for tp in self._expected
-                if not self._aligner.buffered(tp) and await _behind(consumer, tp)
+                if not self._aligner.buffered(tp) and await _behind(consumer, tp, self._share)
             ]
             for (topic, partition), record in self._aligner.release(room, behind, now):
                 self._builder.add(
@@ -143,11 +142,16 @@ class ChangeConsumer:
                 batch.sweep = sweep
                 self._start(batch)
 
+    @property
+    def _share(self) -> int:
+        """Each owned partition's share of a batch, in records."""
+        return max(1, self._settings.batch_max_events // max(1, len(self._expected)))
+
     def _apply_backpressure(self, consumer: AIOKafkaConsumer) -> None:
         """Pause a partition whose buffer holds its share of a batch; resume it once that
         is half gone. So at most three batches are held (one written, one built, one
         buffered), and every partition's oldest records are at hand."""
-        share = max(1, self._settings.batch_max_events // max(1, len(self._expected)))
+        share = self._share
         pause, resume = [], []
         for tp in self._expected:
             size = self._aligner.buffered(tp)
@@ -293,15 +297,16 @@ class ChangeConsumer:
             await consumer.stop()
 
 
-async def _behind(consumer: AIOKafkaConsumer, tp: TP) -> bool:
-    """Whether `tp` has committed records this consumer has not fetched yet (unknown
-    until a fetch has answered for it, which counts as behind)."""
+async def _behind(consumer: AIOKafkaConsumer, tp: TP, backlog: int) -> bool:
+    """Whether more than `backlog` committed records of `tp` are not fetched yet (unknown
+    until a fetch has answered for it, which counts as behind). Live traffic keeps every
+    partition within a few records of its end, so only a backlog is ever held back."""
     partition = TopicPartition(*tp)
     end = consumer.last_stable_offset(partition)
     if end is None or end < 0:
         end = consumer.highwater(partition)
     try:
-        return end is None or await consumer.position(partition) < end
+        return end is None or end - await consumer.position(partition) > backlog
     except IllegalStateError:  # revoked meanwhile
         return False
 
