@@ -1,5 +1,6 @@
-"""sync_service as the benchmark runs it: `sync-service run` in a subprocess on topics, a group
-and relay ids of its own, watched from outside until its work is done, then checked.
+"""sync_service as the benchmark runs it: `sync-service consume` and `sync-service relay` as
+subprocesses on topics, a group and relay ids of their own, watched from outside until their
+work is done, then checked.
 
 Invariant: "done" is what PostgreSQL and Kafka show (stored positions at the end offsets,
 nothing waiting, no outbox row after the relay's committed position), never the service's word.

@@ -10,24 +10,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Table, bindparam, cast, func, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.types import Text, TypeEngine
 
 
-def _unnest(table: Table, columns: Sequence[str], json_columns: Sequence[str] = ()) -> Any:
-    """`SELECT * FROM unnest(:c1, :c2, ...)`, each bound as an array of the column type.
-    JSON columns travel as text and are cast back, since asyncpg has no json[] codec."""
-    params = []
-    for name in columns:
-        col_type: TypeEngine[Any] = Text() if name in json_columns else table.c[name].type
-        params.append(bindparam(name, type_=ARRAY(col_type)))
+def _unnest(table: Table, columns: Sequence[str]) -> Any:
+    """`SELECT * FROM unnest(:c1, :c2, ...)`, each bound as an array of the column type."""
+    params = [bindparam(name, type_=ARRAY(table.c[name].type)) for name in columns]
     source = func.unnest(*params).table_valued(*columns).render_derived()
-    return select(
-        *(cast(source.c[n], table.c[n].type) if n in json_columns else source.c[n] for n in columns)
-    )
+    return select(*(source.c[n] for n in columns))
 
 
 def upsert_rows(table: Table, columns: Sequence[str]) -> Insert:
@@ -38,11 +31,6 @@ def upsert_rows(table: Table, columns: Sequence[str]) -> Insert:
         set_={n: stmt.excluded[n] for n in columns if n != "id"},
         where=table.c.version < stmt.excluded.version,
     )
-
-
-def insert_rows(table: Table, columns: Sequence[str], json_columns: Sequence[str] = ()) -> Insert:
-    """Append rows (a duplicate by a unique constraint fails the statement)."""
-    return insert(table).from_select(list(columns), _unnest(table, columns, json_columns))
 
 
 def as_arrays(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, list[Any]]:

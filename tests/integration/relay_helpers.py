@@ -23,8 +23,6 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sync_service.config import Settings
-from sync_service.db.models import OutboxEvent
-from sync_service.db.statements import as_arrays, insert_rows
 from sync_service.events.change import Entity, Source
 from sync_service.events.outbound import downstream_event_id, event_type, outbound_value
 from sync_service.kafka import ensure_topics
@@ -33,11 +31,10 @@ from sync_service.pipeline.write import OUTBOX_CHANNEL
 from tests.factories import order_event, user_event
 
 OUT_PARTITIONS = 3
-OUTBOX_COLUMNS = ("aggregate_type", "aggregate_id", "event_type", "event_id", "version", "payload")
-INSERT_OUTBOX = insert_rows(
-    OutboxEvent.__table__,  # type: ignore[arg-type]
-    OUTBOX_COLUMNS,
-    json_columns=("payload",),
+INSERT_OUTBOX = text(
+    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, event_id, version, payload)"
+    " VALUES (:aggregate_type, :aggregate_id, :event_type, :event_id, :version,"
+    " CAST(:payload AS json))"
 )
 NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=OUTBOX_CHANNEL)
 SYNC_SERVICE = Path(sys.executable).with_name("sync-service")
@@ -70,7 +67,7 @@ def outbox_row(entity: Entity, entity_id: int, version: int) -> dict[str, Any]:
 
 async def insert_outbox(connection: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
     """Insert `rows` and notify the relay, in the caller's transaction (as the writer does)."""
-    await connection.execute(INSERT_OUTBOX, as_arrays(rows, OUTBOX_COLUMNS))
+    await connection.execute(INSERT_OUTBOX, list(rows))
     await connection.execute(NOTIFY)
 
 
