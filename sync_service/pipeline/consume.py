@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 FETCH_BYTES_PER_PARTITION = 256 * 1024
 ALIGN_MAX_HOLD_S = 0.2
+DECODE_SLICE = 200
+"""Records decoded per step at most: between slices the batch in flight gets the loop,
+so PostgreSQL never waits for a whole batch's decoding before its next statement."""
 """How long newer records may wait for a partition with a backlog to deliver older ones;
 a partition within its share of a batch of its end holds nothing back."""
 
@@ -69,6 +72,8 @@ class ChangeConsumer:
         self._pending_due = 0.0
         """When to next retry the oldest waiting changes (a sweep), whatever arrives."""
         self._paused: set[TP] = set()
+        self._sliced = False
+        """The last step decoded a whole slice: more is at hand, so do not wait to fetch."""
         self._aligner: Aligner[ConsumerRecord[bytes, bytes]] = Aligner(ALIGN_MAX_HOLD_S)
         self._consumer: AIOKafkaConsumer | None = None
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
@@ -103,7 +108,7 @@ class ChangeConsumer:
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
         self._apply_backpressure(consumer)
         fetched = await consumer.getmany(
-            timeout_ms=self._settings.batch_max_wait_ms,
+            timeout_ms=0 if self._sliced else self._settings.batch_max_wait_ms,
             max_records=self._settings.poll_max_records,
         )
         now = self._clock()
@@ -113,13 +118,16 @@ class ChangeConsumer:
             self._aligner.add((tp.topic, tp.partition), records)
             metrics.CONSUMED.labels(tp.topic).inc(len(records))
         room = self._settings.batch_max_events - len(self._builder)
+        self._sliced = False
         if room > 0 and len(self._aligner):
             behind = [
                 tp
                 for tp in self._expected
                 if not self._aligner.buffered(tp) and await _behind(consumer, tp, self._share)
             ]
-            for (topic, partition), record in self._aligner.release(room, behind, now):
+            released = self._aligner.release(min(room, DECODE_SLICE), behind, now)
+            self._sliced = len(released) == DECODE_SLICE
+            for (topic, partition), record in released:
                 self._builder.add(
                     decode(
                         entity=self._entities[topic],
@@ -141,6 +149,7 @@ class ChangeConsumer:
                 batch = self._builder.take() if self._builder.due(now) else Batch()
                 batch.sweep = sweep
                 self._start(batch)
+        await asyncio.sleep(0)  # let the batch in flight take its turn
 
     @property
     def _share(self) -> int:

@@ -9,12 +9,13 @@ owner.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, any_, bindparam, delete, func, or_, select, text, tuple_
+from sqlalchemy import and_, any_, bindparam, delete, func, or_, select, text, tuple_, union_all
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.dml import Insert
@@ -33,7 +34,7 @@ from sync_service.events.change import Change, Entity, Source
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope
-from sync_service.pipeline.plan import COLUMNS, PendingKey, Plan, Row, Waiting, needs, plan
+from sync_service.pipeline.plan import COLUMNS, Applied, PendingKey, Plan, Row, Waiting, needs, plan
 from sync_service.retry import Transient
 
 OUTBOX_CHANNEL = "sync_outbox"
@@ -214,17 +215,16 @@ class BatchWriter:
         result = WriteResult(waiting=len(todo.wait), dead=len(batch.dead))
         for change in todo.stale:
             result.stale[change.entity] += 1
-        entities: tuple[Entity, ...] = ("user", "order")  # users first: orders refer to them
-        for entity in entities:
-            rows = todo.rows[entity]
-            if not rows:
-                continue
-            done = await session.execute(_UPSERTS[entity], as_arrays(rows, COLUMNS[entity]))
-            if done.rowcount != len(rows):  # type: ignore[attr-defined]
-                raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
-            result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)
-        if todo.applied:
-            outbox = [_outbox_row(a.change, a.row) for a in todo.applied]
+        # PostgreSQL writes the rows while this process builds the outbox rows.
+        upserting = asyncio.ensure_future(_upsert(session, todo, result))
+        try:
+            outbox = await _outbox_rows(todo.applied)
+            await upserting
+        finally:
+            if not upserting.done():
+                upserting.cancel()
+                await asyncio.wait([upserting])
+        if outbox:
             await copy_rows(session, _OUTBOX, _OUTBOX_COLUMNS, outbox)  # type: ignore[arg-type]
             await session.execute(_NOTIFY)
             result.outbox = len(outbox)
@@ -280,6 +280,29 @@ class BatchWriter:
         )
 
 
+async def _upsert(session: AsyncSession, todo: Plan, result: WriteResult) -> None:
+    """One version-guarded upsert per table, users first (orders refer to them)."""
+    entities: tuple[Entity, ...] = ("user", "order")
+    for entity in entities:
+        rows = todo.rows[entity]
+        if not rows:
+            continue
+        done = await session.execute(_UPSERTS[entity], as_arrays(rows, COLUMNS[entity]))
+        if done.rowcount != len(rows):  # type: ignore[attr-defined]
+            raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
+        result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)
+
+
+async def _outbox_rows(applied: Sequence[Applied], slice_size: int = 500) -> list[_OutboxRow]:
+    """The outbox rows of `applied`, in order, yielding to the loop between slices so that
+    a statement under way can be answered and the next one sent."""
+    rows: list[_OutboxRow] = []
+    for start in range(0, len(applied), slice_size):
+        await asyncio.sleep(0)
+        rows.extend(_outbox_row(a.change, a.row) for a in applied[start : start + slice_size])
+    return rows
+
+
 async def _load_stored(
     session: AsyncSession, changes: Sequence[Change]
 ) -> dict[Entity, dict[int, Row]]:
@@ -287,25 +310,23 @@ async def _load_stored(
     wanted = needs(changes)
     user_ids, order_ids, emails = wanted.user_ids, wanted.order_ids, wanted.emails
     stored: dict[Entity, dict[int, Row]] = {"user": {}, "order": {}}
-    users = User.__table__
+    users, orders = User.__table__, Order.__table__
     if user_ids or emails:
+        columns = [users.c[name] for name in COLUMNS["user"]]
         rows = await session.execute(
-            select(*(users.c[name] for name in COLUMNS["user"])).where(
-                or_(
-                    users.c.id == any_(_ids(sorted(user_ids))),
-                    and_(
-                        users.c.email == any_(bindparam("emails", sorted(emails), ARRAY(String))),
-                        users.c.deleted_at.is_(None),
-                    ),
-                )
+            union_all(
+                select(*columns).where(users.c.id.in_(_unnest(sorted(user_ids), BigInteger))),
+                select(*columns).where(
+                    users.c.email.in_(_unnest(sorted(emails), String)),
+                    users.c.deleted_at.is_(None),
+                ),
             )
         )
-        stored["user"] = _by_id(rows, COLUMNS["user"])
+        stored["user"] = _by_id(rows, COLUMNS["user"])  # a user found twice is kept once
     if order_ids:
-        orders = Order.__table__
         rows = await session.execute(
             select(*(orders.c[name] for name in COLUMNS["order"])).where(
-                orders.c.id == any_(_ids(sorted(order_ids)))
+                orders.c.id.in_(_unnest(sorted(order_ids), BigInteger))
             )
         )
         stored["order"] = _by_id(rows, COLUMNS["order"])
@@ -321,7 +342,18 @@ def _ids(values: list[int]) -> Any:
     return bindparam(None, values, ARRAY(BigInteger))
 
 
-def _outbox_row(change: Change, row: Row) -> tuple[str, str, str, str, int, str]:
+def _unnest(values: list[Any], type_: type[BigInteger | String]) -> Any:
+    """`(SELECT unnest(:values))`, for `column IN ...`: a semi-join, which stays linear
+    in the table's size under any plan (`column = ANY(:values)` under a sequential scan
+    compares every row with every element: seconds per batch while a fresh table's
+    statistics still say it is empty)."""
+    return select(func.unnest(bindparam(None, values, ARRAY(type_)))).scalar_subquery()
+
+
+_OutboxRow = tuple[str, str, str, str, int, str]
+
+
+def _outbox_row(change: Change, row: Row) -> _OutboxRow:
     """One outbox row, in `_OUTBOX_COLUMNS` order."""
     event_id = downstream_event_text(change.event_id)
     payload = orjson.dumps(outbound_value(change, row, event_id), default=str).decode()

@@ -13,7 +13,7 @@ from aiokafka import TopicPartition
 
 from sync_service.config import Settings
 from sync_service.pipeline.batch import Batch
-from sync_service.pipeline.consume import ChangeConsumer
+from sync_service.pipeline.consume import DECODE_SLICE, ChangeConsumer
 from sync_service.pipeline.write import WriteResult
 from tests.factories import encode, user_event
 
@@ -109,3 +109,29 @@ async def test_a_partition_pauses_once_it_buffers_a_batch_while_one_is_written()
     assert writer.batches == [10, 10, 10, 5]
     assert consumer._expected[("users", 0)] == 35  # the next offset after the last record
     assert not kafka.paused
+
+
+async def test_a_backlog_is_decoded_a_slice_per_step_without_waiting_between() -> None:
+    settings = Settings(
+        users_topic="users", batch_max_events=1000, poll_max_records=1000, batch_max_wait_ms=50
+    )
+    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(DECODE_SLICE + 1)])
+    waits: list[int] = []
+    getmany = kafka.getmany
+
+    async def recording_getmany(*, timeout_ms: int, max_records: int) -> dict[Any, list[Record]]:
+        waits.append(timeout_ms)
+        return await getmany(timeout_ms=timeout_ms, max_records=max_records)
+
+    kafka.getmany = recording_getmany  # type: ignore[method-assign]
+    consumer = ChangeConsumer(settings, HeldWriter())  # type: ignore[arg-type]
+    consumer._consumer = kafka
+    consumer._expected[("users", 0)] = None
+    consumer._pending_due = float("inf")
+
+    await consumer._step(kafka)  # the batch in flight gets the loop after each slice
+    assert len(consumer._builder) == DECODE_SLICE
+    await consumer._step(kafka)  # more was at hand: no fetch wait before decoding it
+    assert len(consumer._builder) == DECODE_SLICE + 1
+    await consumer._step(kafka)  # all decoded: a fetch may wait again
+    assert waits == [50, 0, 50]
