@@ -84,6 +84,44 @@ _REMEMBER_AT_MOST = 200_000
 _NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=OUTBOX_CHANNEL)
 
 
+def _lookup(
+    entity: Entity, key: str, values: str, type_: type[BigInteger | String],
+    *where: ColumnElement[bool],
+) -> Select[Any]:  # fmt: skip
+    """The row of each of the array `values` in column `key` (unique where `where` holds:
+    a primary key, or a live user's email), in `COLUMNS` order: one index probe per value,
+    whatever the table's statistics say. A join the planner orders itself turned
+    quadratic while a fresh table filled and its statistics lagged (30-400 ms a batch)."""
+    table = _TABLES[entity]
+    keys = func.unnest(bindparam(values, type_=ARRAY(type_))).table_valued("key")
+    keys = keys.render_derived(name="k")
+    found = (
+        select(*(table.c[name] for name in COLUMNS[entity]))
+        .where(table.c[key] == keys.c.key, *where)
+        .limit(1)  # keeps the subquery a probe per key: the planner cannot flatten it
+        .lateral("found")
+    )
+    return select(*found.c).select_from(keys).join(found, true())
+
+
+_STORED_USERS = union_all(
+    _lookup("user", "id", "user_ids", BigInteger),
+    _lookup("user", "email", "emails", String, User.__table__.c.deleted_at.is_(None)),
+)
+_STORED_ORDERS = _lookup("order", "id", "order_ids", BigInteger)
+_FENCE = (
+    select(ConsumerOffset.topic, ConsumerOffset.partition, ConsumerOffset.next_offset)
+    .where(ConsumerOffset.group_id == bindparam("group_id"))
+    .where(
+        tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(
+            bindparam("partitions", expanding=True)
+        )
+    )
+    .order_by(ConsumerOffset.topic, ConsumerOffset.partition)
+    .with_for_update()
+)
+
+
 class Fenced(Exception):
     """Another consumer has moved a position this one expected: it must re-read them."""
 
@@ -150,11 +188,7 @@ class BatchWriter:
         if not expected:
             return
         rows = await session.execute(
-            select(ConsumerOffset.topic, ConsumerOffset.partition, ConsumerOffset.next_offset)
-            .where(ConsumerOffset.group_id == self._group_id)
-            .where(tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(list(expected)))
-            .order_by(ConsumerOffset.topic, ConsumerOffset.partition)
-            .with_for_update()
+            _FENCE, {"group_id": self._group_id, "partitions": list(expected)}
         )
         stored = {(t, p): n for t, p, n in rows}
         for tp, position in expected.items():
@@ -326,38 +360,14 @@ async def _load_stored(
     user_ids, order_ids, emails = wanted.user_ids, wanted.order_ids, wanted.emails
     stored: dict[Entity, dict[int, Row]] = {"user": {}, "order": {}}
     if user_ids or emails:
-        live = User.__table__.c.deleted_at.is_(None)
         rows = await session.execute(
-            union_all(
-                _lookup("user", "id", sorted(user_ids), BigInteger),
-                _lookup("user", "email", sorted(emails), String, live),
-            )
+            _STORED_USERS, {"user_ids": sorted(user_ids), "emails": sorted(emails)}
         )
         stored["user"] = _by_id(rows, COLUMNS["user"])  # a user found twice is kept once
     if order_ids:
-        rows = await session.execute(_lookup("order", "id", sorted(order_ids), BigInteger))
+        rows = await session.execute(_STORED_ORDERS, {"order_ids": sorted(order_ids)})
         stored["order"] = _by_id(rows, COLUMNS["order"])
     return stored
-
-
-def _lookup(
-    entity: Entity, key: str, values: list[Any], type_: type[BigInteger | String],
-    *where: ColumnElement[bool],
-) -> Select[Any]:  # fmt: skip
-    """The row of each of `values` in column `key` (unique where `where` holds: a primary
-    key, or a live user's email), in `COLUMNS` order: one index probe per value, whatever
-    the table's statistics say. A join the planner orders itself turned quadratic while
-    a fresh table filled and its statistics lagged (30-400 ms per batch, measured)."""
-    table = _TABLES[entity]
-    keys = func.unnest(bindparam(None, values, ARRAY(type_))).table_valued("key")
-    keys = keys.render_derived(name="k")
-    found = (
-        select(*(table.c[name] for name in COLUMNS[entity]))
-        .where(table.c[key] == keys.c.key, *where)
-        .limit(1)  # keeps the subquery a probe per key: the planner cannot flatten it
-        .lateral("found")
-    )
-    return select(*found.c).select_from(keys).join(found, true())
 
 
 def _by_id(rows: Iterable[Sequence[Any]], columns: Sequence[str]) -> dict[int, Row]:
