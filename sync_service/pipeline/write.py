@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.types import BigInteger, String
+from sqlalchemy.types import BigInteger, Boolean, Integer, String
 
 from sync_service.db.models import (
     ConsumerOffset,
@@ -122,6 +122,41 @@ _FENCE = (
 )
 
 
+_OWNED = tuple_(PendingChange.topic, PendingChange.partition).in_(
+    bindparam("partitions", expanding=True)
+)
+_USER_IDS = bindparam("user_ids", type_=ARRAY(BigInteger))
+_PENDING_ENTITY = tuple_(PendingChange.entity, PendingChange.entity_id)
+_PENDING_KEYS = select(PendingChange.entity, PendingChange.entity_id, PendingChange.version).where(
+    or_(
+        # The entities in the batch ...
+        and_(_OWNED, PendingChange.entity == "user", PendingChange.entity_id == any_(_USER_IDS)),
+        and_(
+            _OWNED,
+            PendingChange.entity == "order",
+            PendingChange.entity_id == any_(bindparam("order_ids", type_=ARRAY(BigInteger))),
+        ),
+        # ... those waiting for a user in it ...
+        _PENDING_ENTITY.in_(
+            select(PendingChange.entity, PendingChange.entity_id).where(
+                _OWNED, PendingChange.blocked_by == any_(_USER_IDS)
+            )
+        ),
+        # ... and on a sweep, the oldest.
+        and_(
+            bindparam("sweep", type_=Boolean),
+            _PENDING_ENTITY.in_(
+                select(PendingChange.entity, PendingChange.entity_id)
+                .where(_OWNED)
+                .group_by(PendingChange.entity, PendingChange.entity_id)
+                .order_by(func.min(PendingChange.first_seen_at))
+                .limit(bindparam("oldest", type_=Integer))
+            ),
+        ),
+    )
+)
+
+
 class Fenced(Exception):
     """Another consumer has moved a position this one expected: it must re-read them."""
 
@@ -207,37 +242,18 @@ class BatchWriter:
         ids: dict[Entity, set[int]] = {"user": set(), "order": set()}
         for change in batch.changes:
             ids[change.entity].add(change.id)
-        owned = tuple_(PendingChange.topic, PendingChange.partition).in_(partitions)
-        wanted = [
-            and_(
-                owned,
-                PendingChange.entity == entity,
-                PendingChange.entity_id == any_(_ids(sorted(s))),
-            )
-            for entity, s in ids.items()
-            if s
-        ]
-        entity = tuple_(PendingChange.entity, PendingChange.entity_id)
-        if ids["user"]:
-            unblocked = select(PendingChange.entity, PendingChange.entity_id).where(
-                owned, PendingChange.blocked_by == any_(_ids(sorted(ids["user"])))
-            )
-            wanted.append(entity.in_(unblocked))
-        if batch.sweep:
-            oldest = (
-                select(PendingChange.entity, PendingChange.entity_id)
-                .where(owned)
-                .group_by(PendingChange.entity, PendingChange.entity_id)
-                .order_by(func.min(PendingChange.first_seen_at))
-                .limit(self._pending_limit)
-            )
-            wanted.append(entity.in_(oldest))
-        if not wanted:
+        if not (ids["user"] or ids["order"] or batch.sweep):
             return []
         found = await session.execute(
-            select(PendingChange.entity, PendingChange.entity_id, PendingChange.version)
-            .where(or_(*wanted))
-        )  # fmt: skip
+            _PENDING_KEYS,
+            {
+                "partitions": partitions,
+                "user_ids": sorted(ids["user"]),
+                "order_ids": sorted(ids["order"]),
+                "sweep": batch.sweep,
+                "oldest": self._pending_limit,
+            },
+        )
         keys: list[PendingKey] = [tuple(row) for row in found]  # type: ignore[misc]
         missing = [key for key in keys if key not in self._waiting]
         if missing:
@@ -373,10 +389,6 @@ async def _load_stored(
 def _by_id(rows: Iterable[Sequence[Any]], columns: Sequence[str]) -> dict[int, Row]:
     """Rows as dicts keyed by id (the first column)."""
     return {row[0]: dict(zip(columns, row, strict=True)) for row in rows}
-
-
-def _ids(values: list[int]) -> Any:
-    return bindparam(None, values, ARRAY(BigInteger))
 
 
 _OutboxRow = tuple[str, str, str, str, int, str]
