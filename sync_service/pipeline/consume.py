@@ -2,11 +2,11 @@
 
 Positions live in PostgreSQL; on assignment the consumer seeks to them, and after each
 committed batch it also commits them to Kafka (best effort, never holding up the next
-batch) so that standard lag tools see the truth. Fetched records are buffered per partition and taken oldest first across
-partitions (`align`); one batch is written at a time while the next one fills, and a
-partition whose buffer holds its share of a batch pauses (backpressure) until it
-drains. On revoke and on stop, the batch in flight finishes (or, past the grace period,
-is rolled back whole).
+batch) so that standard lag tools see the truth. Fetched records are buffered per
+partition and taken oldest first across partitions (`align`); one batch is written at a
+time while the next one fills, and a partition whose buffer holds its share of a batch
+pauses (backpressure) until it drains. On revoke and on stop, the batch in flight
+finishes (or, past the grace period, is rolled back whole).
 """
 
 from __future__ import annotations
