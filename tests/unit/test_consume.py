@@ -1,6 +1,7 @@
 """The consumer's loop with a fake broker and a fake writer: batches by count, pauses
 a partition once it buffers a batch's worth while one is written and the next is
-built, and resumes after."""
+built, and resumes after; decodes a backlog a slice per step; mirrors offsets to Kafka
+without holding up the next batch."""
 
 from __future__ import annotations
 
@@ -135,3 +136,36 @@ async def test_a_backlog_is_decoded_a_slice_per_step_without_waiting_between() -
     assert len(consumer._builder) == DECODE_SLICE + 1
     await consumer._step(kafka)  # all decoded: a fetch may wait again
     assert waits == [50, 0, 50]
+
+
+async def test_a_slow_kafka_offset_commit_never_holds_up_the_next_batch() -> None:
+    settings = Settings(
+        users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5
+    )
+    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(30)])
+    answer = asyncio.Event()
+    commits: list[int] = []
+
+    async def slow_commit(offsets: Mapping[TopicPartition, int]) -> None:
+        await answer.wait()  # the broker does not answer until told to
+        commits.append(offsets[kafka.tp])
+
+    kafka.commit = slow_commit  # type: ignore[method-assign]
+    writer = HeldWriter()
+    writer.release.set()
+    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
+    consumer._consumer = kafka
+    consumer._expected[("users", 0)] = None
+    consumer._pending_due = float("inf")
+
+    for _ in range(50):
+        await consumer._step(kafka)
+        if consumer._expected[("users", 0)] == 30:
+            break
+    assert writer.batches == [10, 10, 10]  # all written while the first commit hangs
+    assert commits == []
+
+    answer.set()
+    assert consumer._mirroring is not None
+    await consumer._mirroring
+    assert commits == [10, 30]  # the first, then the latest of what was stored meanwhile
