@@ -319,7 +319,9 @@ class ChangeConsumer:
                 self._inflight.cancel()
                 await asyncio.wait([self._inflight])
         finally:
-            if self._mirroring is not None:
+            if self._mirroring is not None:  # the last positions, unless the broker is gone
+                await asyncio.wait([self._mirroring], timeout=self._grace)
+                self._mirroring.cancel()
                 await asyncio.wait([self._mirroring])
             self._expected.clear()
             await consumer.stop()

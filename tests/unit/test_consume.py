@@ -58,6 +58,9 @@ class FakeKafka:
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         pass
 
+    async def stop(self) -> None:
+        pass
+
     def highwater(self, tp: TopicPartition) -> int:
         return self.end
 
@@ -169,3 +172,29 @@ async def test_a_slow_kafka_offset_commit_never_holds_up_the_next_batch() -> Non
     assert consumer._mirroring is not None
     await consumer._mirroring
     assert commits == [10, 30]  # the first, then the latest of what was stored meanwhile
+
+
+async def test_stop_waits_at_most_the_grace_period_for_a_broker_that_never_answers() -> None:
+    settings = Settings(users_topic="users", batch_max_events=10, batch_max_wait_ms=5)
+    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(10)])
+    never = asyncio.Event()
+
+    async def hanging_commit(offsets: Mapping[TopicPartition, int]) -> None:
+        await never.wait()
+
+    kafka.commit = hanging_commit  # type: ignore[method-assign]
+    writer = HeldWriter()
+    writer.release.set()
+    consumer = ChangeConsumer(settings, writer, stop_grace_s=0.05)  # type: ignore[arg-type]
+    consumer._consumer = kafka
+    consumer._expected[("users", 0)] = None
+    consumer._pending_due = float("inf")
+    for _ in range(20):
+        await consumer._step(kafka)
+        if writer.batches:
+            break
+    assert writer.batches == [10]
+
+    await asyncio.wait_for(consumer._shutdown(kafka), timeout=2)
+    assert consumer._mirroring is not None
+    assert consumer._mirroring.cancelled()
