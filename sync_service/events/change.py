@@ -1,14 +1,16 @@
 """The service's own view of one validated change, and of one message it could not use.
 
 A `Change` is immutable and carries where it came from, so that every row, outbox event
-and dead letter can name its source record.
+and dead letter can name its source record. `Change` and `Source` are named tuples: one
+of each is made per consumed record, and a tuple is built several times faster than a
+frozen dataclass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from uuid import UUID
 
 if TYPE_CHECKING:
@@ -18,8 +20,7 @@ Entity = Literal["user", "order"]
 Op = Literal["upsert", "delete"]
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
+class Source(NamedTuple):
     """The Kafka record a change was read from."""
 
     topic: str
@@ -27,8 +28,7 @@ class Source:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     """One source change of one entity: `row` holds the data columns of an upsert."""
 
     entity: Entity

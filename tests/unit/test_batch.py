@@ -4,8 +4,6 @@ carries, per partition, the offset after its last record: never more, never less
 
 from __future__ import annotations
 
-import dataclasses
-
 from sync_service.events.change import Change, DeadLetter, Source
 from sync_service.pipeline.batch import BatchBuilder
 from tests.factories import user_event
@@ -17,7 +15,7 @@ USERS, ORDERS = "cdc.users", "cdc.orders"
 def record(topic: str, partition: int, offset: int) -> Change:
     # The topic a change was read from is all the builder looks at, whatever its entity.
     change = decoded(user_event(offset + 1, 1), partition=partition, offset=offset)
-    return dataclasses.replace(change, source=Source(topic, partition, offset))
+    return change._replace(source=Source(topic, partition, offset))
 
 
 def letter(topic: str, partition: int, offset: int) -> DeadLetter:
