@@ -39,11 +39,11 @@ FETCH_MIN_BYTES, FETCH_MAX_WAIT_MS = 64 * 1024, 10
 then costs a fetch per ~10 ms instead of one per few records (a fifth of the consumer's
 CPU at 5,000 events/s, measured), for at most 10 ms more latency."""
 ALIGN_MAX_HOLD_S = 0.2
+"""How long newer records may wait for a partition with a backlog to deliver older ones;
+a partition within its share of a batch of its end holds nothing back."""
 DECODE_SLICE = 200
 """Records decoded per step at most: between slices the batch in flight gets the loop,
 so PostgreSQL never waits for a whole batch's decoding before its next statement."""
-"""How long newer records may wait for a partition with a backlog to deliver older ones;
-a partition within its share of a batch of its end holds nothing back."""
 
 
 class ChangeConsumer:

@@ -18,6 +18,7 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Select,
+    Table,
     and_,
     any_,
     bindparam,
@@ -52,11 +53,8 @@ from sync_service.pipeline.plan import COLUMNS, Applied, PendingKey, Plan, Row, 
 from sync_service.retry import Transient
 
 OUTBOX_CHANNEL = "sync_outbox"
-_UPSERTS: dict[Entity, Insert] = {
-    "user": upsert_rows(User.__table__, COLUMNS["user"]),  # type: ignore[arg-type]
-    "order": upsert_rows(Order.__table__, COLUMNS["order"]),  # type: ignore[arg-type]
-}
-_TABLES = {"user": User.__table__, "order": Order.__table__}
+_TABLES: dict[Entity, Table] = {"user": User.__table__, "order": Order.__table__}  # type: ignore[dict-item]
+_UPSERTS: dict[Entity, Insert] = {e: upsert_rows(t, COLUMNS[e]) for e, t in _TABLES.items()}
 _OUTBOX = OutboxEvent.__table__
 _OUTBOX_COLUMNS = ("aggregate_type", "aggregate_id", "event_type", "event_id", "version", "payload")
 # Keys of waiting changes travel as arrays and are joined server-side: a row-value IN
