@@ -67,7 +67,9 @@ async def test_kill_9_mid_stream_loses_nothing_and_applies_nothing_twice(
     traffic = Traffic(seed=2026, id_base=random.randrange(10**6) * 10**6, partitions=PARTITIONS)
     sent = await _produce(settings, traffic)
     expected = traffic.expected()
-    env = _env(settings.model_copy(update={"http_port": 0}))
+    # Batches of 500: many commits to die between, and a stream that outlasts the kills
+    # however fast the consumer has become (each run gets one batch and up to 0.8 s).
+    env = _env(settings.model_copy(update={"http_port": 0, "batch_max_events": 500}))
     rng = random.Random(7)
 
     kills = 0
