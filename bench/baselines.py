@@ -125,6 +125,8 @@ def _validate(topics: Topics, topic: str, value: bytes | None) -> Envelope | Non
         envelope: Envelope = _ADAPTERS[topics.entity(topic)].validate_json(value or b"")
     except ValidationError:
         return None
+    if envelope["entity"] == "user" and envelope["op"] == "upsert":
+        envelope["data"].setdefault("country", None)  # optional in the envelope
     return envelope
 
 
@@ -134,10 +136,14 @@ def _validate(topics: Topics, topic: str, value: bytes | None) -> Envelope | Non
 def _instance(envelope: Envelope) -> User | Order:
     """The ORM object a tutorial merges: the whole row on an upsert; on a delete only the
     key, the version and `deleted_at` (merge leaves the unset columns alone)."""
-    model = _MODELS[envelope.entity]
-    if envelope.op == "delete":
-        return model(id=envelope.data.id, version=envelope.version, deleted_at=envelope.occurred_at)
-    return model(**envelope.data.model_dump(), version=envelope.version, deleted_at=None)
+    model = _MODELS[envelope["entity"]]
+    if envelope["op"] == "delete":
+        return model(
+            id=envelope["data"]["id"],
+            version=envelope["version"],
+            deleted_at=envelope["occurred_at"],
+        )
+    return model(**envelope["data"], version=envelope["version"], deleted_at=None)
 
 
 async def run_naive(
@@ -218,17 +224,17 @@ async def _write_bulk(
         envelope = _validate(topics, record.topic, record.value)
         if envelope is None:
             skipped += 1
-        elif envelope.op == "delete":
-            deletes[envelope.entity].append(
+        elif envelope["op"] == "delete":
+            deletes[envelope["entity"]].append(
                 {
-                    "id": envelope.data.id,
-                    "version": envelope.version,
-                    "deleted_at": envelope.occurred_at,
+                    "id": envelope["data"]["id"],
+                    "version": envelope["version"],
+                    "deleted_at": envelope["occurred_at"],
                 }
             )
         else:
-            upserts[envelope.entity].append(
-                {**envelope.data.model_dump(), "version": envelope.version, "deleted_at": None}
+            upserts[envelope["entity"]].append(
+                {**envelope["data"], "version": envelope["version"], "deleted_at": None}
             )
     async with sessions() as session, session.begin():
         for entity in ("user", "order"):

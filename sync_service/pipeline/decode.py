@@ -7,22 +7,16 @@ message can never stop the partition behind it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from sync_service.events.change import Change, DeadLetter, Entity, Source
-from sync_service.events.inbound import (
-    ORDER_ENVELOPE,
-    USER_ENVELOPE,
-    OrderDelete,
-    OrderUpsert,
-    UserDelete,
-    UserUpsert,
-)
+from sync_service.events.inbound import MONEY, ORDER_ENVELOPE, USER_ENVELOPE, Envelope
 
 _ADAPTERS: dict[Entity, TypeAdapter[Any]] = {"user": USER_ENVELOPE, "order": ORDER_ENVELOPE}
 
@@ -73,30 +67,16 @@ def _decode(
         raise InvalidMessage(
             "oversized", f"value is {len(value)} bytes, over the {limits.max_bytes}-byte limit"
         )
-    try:
-        parsed = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidMessage("not_json", f"not UTF-8 JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise InvalidMessage("invalid", "the envelope must be a JSON object")
     brackets = value.count(b"{") + value.count(b"[")  # a bound on the depth, at C speed
-    if brackets > limits.max_depth and _depth_exceeds(parsed, limits.max_depth):
-        raise InvalidMessage("too_deep", f"JSON nests deeper than {limits.max_depth} levels")
-    data = parsed.get("data")
-    if isinstance(data, dict) and isinstance(data.get("total"), float):
-        # orjson reads 12.345 as a float; read the numbers again as exact decimals (money
-        # is the one field where a fraction is valid, so it is the one to look at).
-        parsed = json.loads(value, parse_float=Decimal)
-    got = parsed.get("entity")
-    if got != entity:
-        raise InvalidMessage(
-            "wrong_entity", f"entity {got!r} on topic {source.topic}, which carries {entity!r}"
-        )
+    if brackets > limits.max_depth or b"NaN" in value or b"Infinity" in value:
+        _check_json(value, limits.max_depth)
     try:
-        envelope = _ADAPTERS[entity].validate_python(parsed)
+        envelope = _ADAPTERS[entity].validate_json(value)
     except ValidationError as exc:
-        raise InvalidMessage("invalid", _summarize(exc)) from None
-    entity_id: int = envelope.data.id
+        raise _diagnose(entity, source, value, exc) from None
+    if envelope["entity"] == "order" and envelope["op"] == "upsert":
+        _check_exact_total(value)
+    entity_id: int = envelope["data"]["id"]
     if key is None:
         raise InvalidMessage("bad_key", f"missing key: expected b'{entity_id}'")
     if key != str(entity_id).encode():
@@ -105,28 +85,82 @@ def _decode(
     return _change(entity, envelope, source)
 
 
-def _change(
-    entity: Entity, envelope: UserUpsert | UserDelete | OrderUpsert | OrderDelete, source: Source
-) -> Change:
-    # The validated fields as they are (a model's __dict__ holds exactly them), cheaper
-    # than model_dump for a flat model.
-    row = dict(envelope.data.__dict__) if envelope.op == "upsert" else None
+def _check_json(value: bytes, limit: int) -> None:
+    """What pydantic-core's reader lets through: NaN and Infinity (not JSON), and depth."""
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("not_json", f"not UTF-8 JSON: {exc}") from None
+    if _depth_exceeds(parsed, limit):
+        raise InvalidMessage("too_deep", f"JSON nests deeper than {limit} levels")
+
+
+def _diagnose(entity: Entity, source: Source, value: bytes, exc: ValidationError) -> InvalidMessage:
+    """Why an envelope failed, in the words of the kind of fault (slow: failures only)."""
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        return InvalidMessage("not_json", f"not UTF-8 JSON: {error}")
+    if not isinstance(parsed, dict):
+        return InvalidMessage("invalid", "the envelope must be a JSON object")
+    got = parsed.get("entity")
+    if got != entity:
+        return InvalidMessage(
+            "wrong_entity", f"entity {got!r} on topic {source.topic}, which carries {entity!r}"
+        )
+    return InvalidMessage("invalid", _summarize(exc))
+
+
+_EXACT_TOTAL = re.compile(rb'"total"\s*:\s*(?:"|[0-9]{1,13}(?:\.[0-9]{1,2})?(?![0-9.eE]))')
+"""A total that pydantic-core read exactly: a string, or a plain number of at most 15
+digits (a float holds any such number exactly)."""
+
+
+def _check_exact_total(value: bytes) -> None:
+    """pydantic-core reads a JSON number through a float, so `19.999999999999999999` would
+    pass as 20.00: unless the only `"total"` in `value` is plainly exact, read the total
+    again as a decimal and validate that."""
+    at = value.find(b'"total"')
+    only = at >= 0 and value.find(b'"total"', at + 7) < 0
+    if only and (value[at + 7 : at + 9] == b':"' or _EXACT_TOTAL.match(value, at)):
+        return
+    total = json.loads(value, parse_float=Decimal)["data"]["total"]
+    if not isinstance(total, Decimal):  # an integer or a string: read exactly
+        return
+    try:
+        MONEY.validate_python(total)
+    except ValidationError as exc:
+        raise InvalidMessage("invalid", f"data.total: {exc.errors()[0]['msg']}") from None
+
+
+def _change(entity: Entity, envelope: Envelope, source: Source) -> Change:
+    data = envelope["data"]
+    row: dict[str, Any] | None = None
+    if envelope["op"] == "upsert":
+        row = cast(dict[str, Any], data)  # the validated dict itself: nothing else holds it
+        if entity == "user":
+            row.setdefault("country", None)
     return Change(
         entity=entity,
-        id=envelope.data.id,
-        version=envelope.version,
-        op=envelope.op,
-        event_id=envelope.event_id,
-        occurred_at=envelope.occurred_at,
+        id=data["id"],
+        version=envelope["version"],
+        op=envelope["op"],
+        event_id=envelope["event_id"],
+        occurred_at=envelope["occurred_at"],
         row=row,
         source=source,
         envelope=envelope,
     )
 
 
+def envelope_document(change: Change) -> Any:
+    """The change's envelope as JSON-ready values, to be stored while it waits."""
+    return _ADAPTERS[change.entity].dump_python(change.envelope, mode="json")
+
+
 def change_from_envelope(entity: Entity, envelope: dict[str, Any], source: Source) -> Change:
     """Rebuild a change stored while it waited (its envelope was valid when stored)."""
-    return _change(entity, _ADAPTERS[entity].validate_python(envelope), source)
+    return _change(entity, _ADAPTERS[entity].validate_json(orjson.dumps(envelope)), source)
 
 
 def _depth_exceeds(node: Any, limit: int) -> bool:

@@ -48,7 +48,7 @@ from sync_service.db.statements import as_arrays, copy_rows, upsert_rows
 from sync_service.events.change import Change, Entity, Source
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
-from sync_service.pipeline.decode import change_from_envelope
+from sync_service.pipeline.decode import change_from_envelope, envelope_document
 from sync_service.pipeline.plan import COLUMNS, Applied, PendingKey, Plan, Row, Waiting, needs, plan
 from sync_service.retry import Transient
 
@@ -408,7 +408,7 @@ def _pending_row(waiting: Waiting) -> dict[str, Any]:
         "topic": change.source.topic,
         "partition": change.source.partition,
         "offset": change.source.offset,
-        "envelope": change.envelope.model_dump(mode="json"),
+        "envelope": envelope_document(change),
         "reason": waiting.reason,
         "blocked_by": waiting.blocked_by,
     }

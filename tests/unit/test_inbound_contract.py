@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from sync_service.events.inbound import ORDER_ENVELOPE, USER_ENVELOPE, OrderUpsert, UserUpsert
+from sync_service.events.inbound import ORDER_ENVELOPE, USER_ENVELOPE
 from sync_service.events.schemas import CONTRACTS_DIR, INBOUND, REGENERATE, render
 from tests.factories import envelope, order_data, user_data
 
@@ -90,29 +90,34 @@ def test_committed_schema_is_what_the_models_generate(name: str) -> None:
 
 
 def test_the_contract_example_is_a_user_upsert() -> None:
-    parsed = USER_ENVELOPE.validate_python(CONTRACT_EXAMPLE)
-    assert isinstance(parsed, UserUpsert)
-    assert (parsed.data.id, parsed.version, parsed.data.email) == (42, 17, "ada@example.com")
+    parsed = USER_ENVELOPE.validate_json(json.dumps(CONTRACT_EXAMPLE))
+    assert parsed["op"] == "upsert"
+    assert (parsed["data"]["id"], parsed["version"], parsed["data"]["email"]) == (
+        42,
+        17,
+        "ada@example.com",
+    )
     with pytest.raises(ValidationError):
-        ORDER_ENVELOPE.validate_python(CONTRACT_EXAMPLE)
+        ORDER_ENVELOPE.validate_json(json.dumps(CONTRACT_EXAMPLE))
 
 
 def test_money_is_exact_in_the_model() -> None:
-    parsed = ORDER_ENVELOPE.validate_python(envelope("order", 1, order_data(1, 7, total="0.10")))
-    assert isinstance(parsed, OrderUpsert)
-    assert str(parsed.data.total) == "0.10"
+    event = envelope("order", 1, order_data(1, 7, total="0.10"))
+    parsed = ORDER_ENVELOPE.validate_json(json.dumps(event))
+    assert parsed["op"] == "upsert"
+    assert str(parsed["data"]["total"]) == "0.10"
 
 
 @pytest.mark.parametrize(("name", "event"), [(n, e) for n, es in VALID.items() for e in es])
 def test_the_model_accepts_what_the_schema_accepts(name: str, event: dict[str, Any]) -> None:
-    ADAPTERS[name].validate_python(event)
+    ADAPTERS[name].validate_json(json.dumps(event))
     _validator(name).validate(event)
 
 
 @pytest.mark.parametrize(("name", "event"), INVALID_CASES)
 def test_the_model_rejects_what_the_schema_rejects(name: str, event: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
-        ADAPTERS[name].validate_python(event)
+        ADAPTERS[name].validate_json(json.dumps(event))
     assert not _validator(name).is_valid(event)
 
 
