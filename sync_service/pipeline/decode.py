@@ -140,16 +140,16 @@ def _change(entity: Entity, envelope: Envelope, source: Source) -> Change:
         row = cast(dict[str, Any], data)  # the validated dict itself: nothing else holds it
         if entity == "user":
             row.setdefault("country", None)
-    return Change(
-        entity=entity,
-        id=data["id"],
-        version=envelope["version"],
-        op=envelope["op"],
-        event_id=envelope["event_id"],
-        occurred_at=envelope["occurred_at"],
-        row=row,
-        source=source,
-        envelope=envelope,
+    return Change(  # positionally: keywords double the cost of building the tuple
+        entity,
+        data["id"],
+        envelope["version"],
+        envelope["op"],
+        envelope["event_id"],
+        envelope["occurred_at"],
+        row,
+        source,
+        envelope,
     )
 
 
