@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from sync_service.events.change import Change
 
 EVENT_ID_NAMESPACE = uuid.UUID("8d7f0c52-3b0e-5d61-9a47-2f6c1e8b4a90")
-_NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
+_NAMESPACE_SHA1 = hashlib.sha1(EVENT_ID_NAMESPACE.bytes)
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 EventType = Literal["user.upserted", "user.deleted", "order.upserted", "order.deleted"]
 
@@ -55,13 +56,13 @@ def downstream_event_id(inbound_event_id: uuid.UUID) -> uuid.UUID:
 
 
 def downstream_event_text(inbound_event_id: uuid.UUID) -> str:
-    """`str(downstream_event_id(...))`, without building UUID objects or re-deriving the
-    namespace's bytes: this runs once per applied change."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + str(inbound_event_id).encode()).digest())
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest[:16].hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """`str(downstream_event_id(...))`, without building UUID objects or hashing the
+    namespace again: this runs once per applied change. In the hex digest, the version
+    nibble (13th) becomes 5 and the variant nibble (17th) gets RFC 4122's 10xx bits."""
+    sha = _NAMESPACE_SHA1.copy()
+    sha.update(str(inbound_event_id).encode())
+    h = sha.hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def event_type(change: Change) -> EventType:
