@@ -138,9 +138,9 @@ GC_YOUNG_THRESHOLD = 100_000
 collected; CPython's default is 700. The pipeline's objects die by reference counting
 within a batch or two, so collecting every 700 only walked live data, and promoted it:
 a full collection (~70 ms) followed every ~6,000 events. In 200k-event drains the
-collector took 30% of the consumer's CPU; at this threshold it did not run at all in a
-200k drain nor in 40 s at 5,000 events/s (consumer CPU per event -25 to -40%, same peak
-RSS; bench/README.md). Cyclic garbage is still collected, after this many objects of it."""
+collector took 30% of the consumer's CPU; at this threshold it ran once (25 ms) in a
+200k drain (consumer CPU per event -25 to -40%, same peak RSS; bench/README.md). Cyclic
+garbage is still collected, after this many objects of it."""
 
 
 def tune_gc() -> None:

@@ -411,8 +411,15 @@ def _outbox_row(change: Change, row: Row, txid: int) -> _OutboxRow:
     """One outbox row, in `_OUTBOX_COLUMNS` order."""
     event_id = downstream_event_text(change.event_id)
     payload = orjson.dumps(outbound_value(change, row, event_id), default=str).decode()
-    entity = change.entity
-    return txid, entity, str(change.id), event_type(change), event_id, change.version, payload
+    return (
+        txid,
+        change.entity,
+        str(change.id),
+        event_type(change),
+        event_id,
+        change.version,
+        payload,
+    )
 
 
 def _pending_row(waiting: Waiting) -> dict[str, Any]:
