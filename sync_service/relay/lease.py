@@ -21,7 +21,7 @@ def lock_key(transactional_id: str) -> int:
 
 
 class Lease:
-    """A held lock, and the connection that holds it (the relay's one connection)."""
+    """A held lock, and the connection that holds it (the one the relay reads the outbox on)."""
 
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
