@@ -85,22 +85,26 @@ def _decode(
     return _change(entity, envelope, source)
 
 
-def _check_json(value: bytes, limit: int) -> None:
-    """What pydantic-core's reader lets through: NaN and Infinity (not JSON), and depth."""
+def _strict_json(value: bytes) -> Any:
+    """`value` parsed as RFC 8259 JSON (orjson: no NaN or Infinity, unlike pydantic-core)."""
     try:
-        parsed = orjson.loads(value)
+        return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise InvalidMessage("not_json", f"not UTF-8 JSON: {exc}") from None
-    if _depth_exceeds(parsed, limit):
+
+
+def _check_json(value: bytes, limit: int) -> None:
+    """What pydantic-core's reader lets through: NaN and Infinity (not JSON), and depth."""
+    if _depth_exceeds(_strict_json(value), limit):
         raise InvalidMessage("too_deep", f"JSON nests deeper than {limit} levels")
 
 
 def _diagnose(entity: Entity, source: Source, value: bytes, exc: ValidationError) -> InvalidMessage:
     """Why an envelope failed, in the words of the kind of fault (slow: failures only)."""
     try:
-        parsed = orjson.loads(value)
-    except orjson.JSONDecodeError as error:
-        return InvalidMessage("not_json", f"not UTF-8 JSON: {error}")
+        parsed = _strict_json(value)
+    except InvalidMessage as not_json:
+        return not_json
     if not isinstance(parsed, dict):
         return InvalidMessage("invalid", "the envelope must be a JSON object")
     got = parsed.get("entity")
