@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import traceback
 from collections.abc import Coroutine
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 from sync_service.config import Settings, get_settings
 from sync_service.errors import UserError
 from sync_service.observability.logging import configure as configure_logging
+from sync_service.observability.redact import redact, secrets_of
 from sync_service.retry import describe
 
 T = TypeVar("T")
@@ -54,7 +56,12 @@ def _settings() -> Settings:
         first = error.errors()[0]
         name = "SYNC_" + str(first["loc"][0]).upper() if first["loc"] else "SYNC_*"
         raise UserError(f"bad setting {name}: {first['msg']}") from None
-    configure_logging("DEBUG" if _state["debug"] else settings.log_level)
+    configure_logging(
+        "DEBUG" if _state["debug"] else settings.log_level,
+        settings.log_format,
+        secrets=secrets_of(settings),
+        outage_summary_s=settings.log_outage_summary_s,
+    )
     return settings
 
 
@@ -68,13 +75,13 @@ def _run(work: Coroutine[Any, Any, T]) -> T:
         _fail("interrupted", 130)
     except Exception as error:
         if _state["debug"]:
-            raise
+            sys.stderr.write(redact(traceback.format_exc()))
         _fail(f"unexpected failure: {describe(error)} (rerun with --debug for details)", 1)
     raise AssertionError("unreachable")
 
 
 def _fail(message: str, code: int) -> Any:
-    typer.echo(f"sync-service: {message}", err=True)
+    typer.echo(f"sync-service: {redact(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -204,12 +211,12 @@ def main() -> None:
     except typer.TyperException as error:  # a bad or missing option, argument or command
         message = error.format_message().strip()
         if message:  # empty when a bare group has already printed its help
-            typer.echo(f"sync-service: {message.splitlines()[0]}", err=True)
+            typer.echo(f"sync-service: {redact(message.splitlines()[0])}", err=True)
         code = error.exit_code
     except typer.Abort:
         typer.echo("sync-service: interrupted", err=True)
         code = 130
     except UserError as error:  # raised before `_run`, e.g. for a bad SYNC_* setting
-        typer.echo(f"sync-service: {error}", err=True)
+        typer.echo(f"sync-service: {redact(str(error))}", err=True)
         code = 2
     sys.exit(code if isinstance(code, int) else 0)

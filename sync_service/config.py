@@ -5,7 +5,9 @@ Every knob an operator may turn lives here, with the contract's defaults.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +64,17 @@ class Settings(BaseSettings):
     # Health and metrics.
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    log_outage_summary_s: float = Field(
+        default=30.0, gt=0, description="seconds between the log's summaries of an outage"
+    )
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Passwords masked: a URL's, and any secret setting's."""
+        from sync_service.observability.redact import shown
+
+        for name, value in super().__repr_args__():
+            yield name, shown(name, value) if name is not None else value
 
 
 @lru_cache(maxsize=1)

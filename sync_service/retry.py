@@ -17,7 +17,9 @@ import asyncpg
 from aiokafka.errors import KafkaError
 from sqlalchemy import exc as sa_exc
 
+from sync_service.observability import outages
 from sync_service.observability.metrics import RETRIES
+from sync_service.observability.redact import redact
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -64,11 +66,18 @@ def is_transient(error: BaseException) -> bool:
 
 
 def describe(error: BaseException) -> str:
-    """A one-line description of an error, without the statement and parameters."""
+    """A one-line description of an error, without the statement and parameters, and
+    without any known secret; an error with no message is its type (and what was being
+    done, where a step said so: `outages.step`)."""
+    action = outages.action_of(error)
     if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
         error = error.orig.__cause__ or error.orig
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}"[:300]
+    name = type(error).__name__
+    described = f"{name}: {text}" if text else name
+    if action is not None:
+        described = f"{described} (while {action})"
+    return redact(described[:300])
 
 
 class Backoff:
@@ -94,22 +103,39 @@ async def retrying(
     backoff: Backoff,
     *,
     stop: asyncio.Event | None = None,
+    on: outages.Dependency | None = None,
 ) -> T:
     """Run `work` until it succeeds, sleeping between transient failures; a stop request
-    ends the wait with `asyncio.CancelledError`."""
+    ends the wait with `asyncio.CancelledError`. A failure to reach Kafka or PostgreSQL
+    (`on`, unless the error says which) is told by `outages` (once, then in summaries);
+    any other transient failure is a WARNING line with its cause."""
+    attempt = 0
+    unreachable: outages.Outage | None = None
     while True:
         try:
             result = await work()
         except Exception as error:
             if not is_transient(error):
                 raise
+            attempt += 1
             RETRIES.labels(stage, type(error).__name__).inc()
             delay = backoff.next_delay()
-            log.warning("%s failed, retrying in %.2fs: %s", stage, delay, describe(error))
-            log.debug("%s failure", stage, exc_info=True)
+            cause = describe(error)
+            context = {"stage": stage, "attempt": attempt, "delay_s": round(delay, 2)}
+            dependency = outages.dependency_of(error) or on
+            if dependency is not None and outages.is_connection_failure(error):
+                unreachable = outages.current()[dependency]
+                unreachable.failed(cause, doing=stage)
+                log.debug("%s failed, retrying", stage, extra={**context, "cause": cause},
+                          exc_info=True)  # fmt: skip
+            else:
+                log.warning("%s failed, retrying", stage, extra={**context, "cause": cause})
+                log.debug("%s failure", stage, exc_info=True)
             if stop is not None and stop.is_set():
                 raise asyncio.CancelledError from error
             await asyncio.sleep(delay)
         else:
+            if unreachable is not None:
+                unreachable.recovered()
             backoff.reset()
             return result

@@ -20,6 +20,7 @@ from sync_service.db.schema import SchemaNotAtHead, current_revision, head_revis
 from sync_service.errors import UserError
 from sync_service.kafka import require_topics
 from sync_service.observability.health import serve_http
+from sync_service.observability.redact import masked_url
 from sync_service.ops.stats import refresh_gauges
 from sync_service.pipeline.consume import ChangeConsumer
 from sync_service.pipeline.write import BatchWriter
@@ -66,6 +67,16 @@ async def serve(
     stop = stop or asyncio.Event()
     _install_signal_handlers(stop)
     engine = await connect(settings)
+    log.info(
+        "sync-service starting",
+        extra={
+            "parts": [p for p, on in (("consume", consume), ("relay", relay)) if on],
+            "kafka": settings.kafka_bootstrap,
+            "database": masked_url(settings.database_url),
+            "group": settings.group_id,
+            "http_port": settings.http_port,
+        },
+    )
     try:
         if consume:
             await require_topics(

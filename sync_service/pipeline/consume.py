@@ -23,7 +23,8 @@ from aiokafka.errors import IllegalStateError, KafkaError
 
 from sync_service.config import Settings
 from sync_service.events.change import Entity
-from sync_service.observability import metrics
+from sync_service.observability import metrics, outages
+from sync_service.observability.logging import OffsetRange
 from sync_service.pipeline.align import Aligner
 from sync_service.pipeline.batch import Batch, BatchBuilder
 from sync_service.pipeline.decode import Limits, decode
@@ -82,6 +83,8 @@ class ChangeConsumer:
         """The last step decoded a whole slice: more is at hand, so do not wait to fetch."""
         self._aligner: Aligner[ConsumerRecord[bytes, bytes]] = Aligner(ALIGN_MAX_HOLD_S)
         self._consumer: AIOKafkaConsumer | None = None
+        self._fetched_at: float | None = None
+        """While Kafka is known to be unreachable: the latest fetch answer seen then."""
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
 
     @property
@@ -105,7 +108,7 @@ class ChangeConsumer:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._consumer = consumer
-        await retrying("kafka connect", consumer.start, self._backoff, stop=stop)
+        await retrying("kafka connect", consumer.start, self._backoff, stop=stop, on=outages.KAFKA)
         consumer.subscribe(list(self._entities), listener=_Listener(self))
         try:
             while not stop.is_set():
@@ -120,6 +123,8 @@ class ChangeConsumer:
             max_records=self._settings.poll_max_records,
         )
         now = self._clock()
+        if outages.current().kafka.down:
+            self._notice_fetches(consumer, fetched)
         for tp, records in fetched.items():
             if (tp.topic, tp.partition) not in self._expected:
                 continue  # revoked while the fetch was under way
@@ -159,6 +164,21 @@ class ChangeConsumer:
                 self._start(batch)
         await asyncio.sleep(0)  # let the batch in flight take its turn
 
+    def _notice_fetches(self, consumer: AIOKafkaConsumer, fetched: dict[Any, Any]) -> None:
+        """End a Kafka outage once the broker answers a fetch again (an answer without
+        records, too, moves a partition's poll time)."""
+        polled = [
+            consumer.last_poll_timestamp(TopicPartition(*tp)) or 0
+            for tp in self._expected
+            if TopicPartition(*tp) in consumer.assignment()
+        ]
+        latest = max(polled, default=0)
+        if self._fetched_at is None:
+            self._fetched_at = latest
+        elif fetched or latest > self._fetched_at:
+            self._fetched_at = None
+            outages.current().kafka.recovered()
+
     @property
     def _share(self) -> int:
         """Each owned partition's share of a batch, in records."""
@@ -195,15 +215,24 @@ class ChangeConsumer:
         started = self._clock()
         try:
             result = await retrying(
-                "write batch", lambda: self._writer.write(batch, expected), self._backoff
+                "write batch",
+                lambda: self._writer.write(batch, expected),
+                self._backoff,
+                on=outages.POSTGRESQL,
             )
         except Fenced as fenced:
-            log.warning("positions moved under this consumer (%s); re-reading them", fenced)
+            log.warning(
+                "positions moved under this consumer; re-reading them",
+                extra={"reason": str(fenced)},
+            )
             await self._reseek(list(self._expected))
             return
-        metrics.WRITE_SECONDS.observe(self._clock() - started)
+        seconds = self._clock() - started
+        metrics.WRITE_SECONDS.observe(seconds)
         metrics.BATCH_SIZE.observe(len(batch))
         self._record(batch, result)
+        if len(batch) and log.isEnabledFor(logging.DEBUG):
+            log.debug("batch written", extra=_batch_context(batch, result, seconds))
         for tp, next_offset in result.next_offsets.items():
             if tp in self._expected:
                 self._expected[tp] = next_offset
@@ -218,9 +247,11 @@ class ChangeConsumer:
         for dead in batch.dead:
             metrics.DEAD_LETTERED.labels(dead.source.topic, dead.kind).inc()
             log.warning(
-                "dead-lettered %s[%d]@%d (%s): %s",
-                dead.source.topic, dead.source.partition, dead.source.offset, dead.kind,
-                dead.reason,
+                "dead-lettered",
+                extra={
+                    "topic": dead.source.topic, "partition": dead.source.partition,
+                    "offset": dead.source.offset, "kind": dead.kind, "reason": dead.reason,
+                },
             )  # fmt: skip
 
     def _mirror(self, next_offsets: dict[TP, int]) -> None:
@@ -244,8 +275,11 @@ class ChangeConsumer:
             try:
                 await consumer.commit(offsets)
             except KafkaError as error:
-                log.info("Kafka offset commit skipped (positions are safe in PostgreSQL): %s",
-                         describe(error))  # fmt: skip
+                if outages.is_connection_failure(error):
+                    outages.current().kafka.failed(describe(error), doing="committing offsets")
+                else:
+                    log.info("Kafka offset commit skipped (positions are safe in PostgreSQL)",
+                             extra={"cause": describe(error)})  # fmt: skip
             for tp, next_offset in offsets.items():
                 end = consumer.highwater(tp)
                 if end is not None:
@@ -285,7 +319,11 @@ class ChangeConsumer:
         await self._reseek(list(assigned))
         self._pending_due = self._clock()  # sweep now: changes may have waited from before
         self._rebalancing = False
-        log.info("assigned %s", ", ".join(f"{t}[{p}]" for t, p in sorted(assigned)) or "nothing")
+        outages.current().kafka.recovered()  # the group coordinator answered
+        log.info(
+            "assigned %d partitions", len(assigned),
+            extra={"partitions": [f"{t}[{p}]" for t, p in sorted(assigned)]},
+        )  # fmt: skip
 
     async def _reseek(self, partitions: list[TP]) -> None:
         """Seek `partitions` to their stored positions (the beginning where none is stored)
@@ -293,7 +331,10 @@ class ChangeConsumer:
         consumer = self._consumer
         assert consumer is not None
         positions = await retrying(
-            "read positions", lambda: self._writer.positions(partitions), self._backoff
+            "read positions",
+            lambda: self._writer.positions(partitions),
+            self._backoff,
+            on=outages.POSTGRESQL,
         )
         self._builder.drop(set(partitions))
         self._aligner.drop(partitions)
@@ -313,8 +354,8 @@ class ChangeConsumer:
         try:
             await asyncio.wait_for(self._flush(), timeout=self._grace)
         except TimeoutError:
-            log.warning("batch not written within %.0fs of stop; rolled back, will be re-read",
-                        self._grace)  # fmt: skip
+            log.warning("batch not written within the grace period of stop; rolled back, "
+                        "will be re-read", extra={"grace_s": self._grace})  # fmt: skip
             if self._inflight is not None:
                 self._inflight.cancel()
                 await asyncio.wait([self._inflight])
@@ -325,6 +366,28 @@ class ChangeConsumer:
                 await asyncio.wait([self._mirroring])
             self._expected.clear()
             await consumer.stop()
+
+
+def _batch_context(batch: Batch, result: WriteResult, seconds: float) -> dict[str, Any]:
+    """A written batch's fields in the log: each partition's offset range and the counts."""
+    first: dict[TP, int] = {}
+    for source in [c.source for c in batch.changes] + [d.source for d in batch.dead]:
+        tp = (source.topic, source.partition)
+        first[tp] = min(first.get(tp, source.offset), source.offset)
+    return {
+        "partitions": [
+            OffsetRange(t, p, first.get((t, p), n - 1), n - 1)
+            for (t, p), n in sorted(batch.next_offsets.items())
+        ],
+        "records": len(batch),
+        "applied": sum(result.applied.values()),
+        "stale": sum(result.stale.values()),
+        "waiting": result.waiting,
+        "resolved": result.resolved,
+        "dead_letters": len(batch.dead),
+        "outbox": result.outbox,
+        "write_ms": round(seconds * 1000, 1),
+    }
 
 
 async def _behind(consumer: AIOKafkaConsumer, tp: TP, backlog: int) -> bool:

@@ -24,6 +24,7 @@ from sync_service.config import Settings
 from sync_service.errors import UserError
 from sync_service.kafka import require_topics
 from sync_service.observability import metrics
+from sync_service.observability.outages import KAFKA, POSTGRESQL, step
 from sync_service.pipeline.write import OUTBOX_CHANNEL
 from sync_service.relay.lease import Lease, lock_key
 from sync_service.relay.outbox import (
@@ -89,7 +90,8 @@ class OutboxRelay:
 
     async def _term(self, stop: asyncio.Event) -> None:
         """Stand by for one lease attempt, or lead until stopped or fenced."""
-        lease = await Lease.acquire(self._engine, self._key)
+        with step(POSTGRESQL, "taking the relay lease"):
+            lease = await Lease.acquire(self._engine, self._key)
         if lease is None:
             if not self._standing_by:
                 log.info("relay standing by: another replica publishes")
@@ -111,12 +113,16 @@ class OutboxRelay:
         try:
             # Start first: it fences any other holder of the transactional id and ends
             # its open transaction, so the position read next is final.
-            await producer.start()
-            position = await read_position(self._settings)
-            await _check_horizon(lease.connection, position)
-            log.info("relay active from position txid=%d id=%d", *position)
+            with step(KAFKA, "starting the transactional producer"):
+                await producer.start()
+            with step(KAFKA, "reading the relay position"):
+                position = await read_position(self._settings)
+            with step(POSTGRESQL, "checking the relay position"):
+                await _check_horizon(lease.connection, position)
+            log.info("relay active", extra={"txid": position.txid, "id": position.id})
             wake = asyncio.Event()
-            await lease.listen(OUTBOX_CHANNEL, wake)
+            with step(POSTGRESQL, "listening for outbox commits"):
+                await lease.listen(OUTBOX_CHANNEL, wake)
             self._published = position
             await _first_of(
                 self._pump(lease.connection, producer, position, wake, stop),
@@ -136,7 +142,8 @@ class OutboxRelay:
         chunk = self._settings.relay_chunk
         while not stop.is_set():
             wake.clear()  # before reading: a commit notified during the read wakes the wait
-            rows = await fetch_after(connection, position, chunk)
+            with step(POSTGRESQL, "reading the outbox"):
+                rows = await fetch_after(connection, position, chunk)
             if rows:
                 position = self._published = await self._publish(producer, rows)
             if len(rows) < chunk:
@@ -157,11 +164,21 @@ class OutboxRelay:
                 [],
             )
         )
-        await asyncio.wait_for(publish(producer, messages), PUBLISH_TIMEOUT_S)
-        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        with step(KAFKA, f"publishing {len(rows)} outbox rows"):
+            await asyncio.wait_for(publish(producer, messages), PUBLISH_TIMEOUT_S)
+        seconds = time.perf_counter() - started
+        metrics.PUBLISH_SECONDS.observe(seconds)
         for topic, count in published.items():
             metrics.PUBLISHED.labels(topic).inc(count)
         self._backoff.reset()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "chunk published",
+                extra={
+                    "rows": len(rows), "txid": after.txid, "id": after.id,
+                    "topics": dict(published), "publish_ms": round(seconds * 1000, 1),
+                },
+            )  # fmt: skip
         return after
 
     async def _housekeep(self, stop: asyncio.Event) -> None:
@@ -169,11 +186,14 @@ class OutboxRelay:
         gauges: beside the pump, on a connection of its own, so that a round of deletes
         (~20 ms per 5,000 rows) never holds publishing up."""
         while not stop.is_set():
-            async with self._engine.connect() as connection:
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-                while await prune_through(connection, self._published, PRUNE_CHUNK) == PRUNE_CHUNK:
-                    pass
-                count, age = await backlog(connection, self._published)
+            with step(POSTGRESQL, "pruning the outbox"):
+                async with self._engine.connect() as connection:
+                    await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    while (
+                        await prune_through(connection, self._published, PRUNE_CHUNK) == PRUNE_CHUNK
+                    ):
+                        pass
+                    count, age = await backlog(connection, self._published)
             metrics.OUTBOX_BACKLOG.set(count)
             metrics.OUTBOX_OLDEST_AGE.set(age)
             await _wait_any([stop], self._settings.relay_prune_every_s)
