@@ -76,6 +76,7 @@ def _run(work: Coroutine[Any, Any, T]) -> T:
     except Exception as error:
         if _state["debug"]:
             sys.stderr.write(redact(traceback.format_exc()))
+            _fail(f"unexpected failure: {describe(error)}", 1)
         _fail(f"unexpected failure: {describe(error)} (rerun with --debug for details)", 1)
     raise AssertionError("unreachable")
 
