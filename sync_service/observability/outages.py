@@ -127,8 +127,6 @@ _KAFKA_UNREACHABLE = (
     kafka_errors.NodeNotReadyError,
     kafka_errors.RequestTimedOutError,
     kafka_errors.KafkaTimeoutError,
-    kafka_errors.CoordinatorNotAvailableError,
-    kafka_errors.NotCoordinatorError,
 )
 _PG_UNREACHABLE = (
     asyncpg.PostgresConnectionError,
