@@ -154,6 +154,8 @@ def is_connection_failure(error: BaseException) -> bool:
     error = _root(error)
     if isinstance(error, ssl.SSLError):
         return False
+    if isinstance(error, asyncpg.InterfaceError):  # a pooled connection the server dropped
+        return "connection is closed" in str(error)
     return isinstance(error, _UNREACHABLE)
 
 

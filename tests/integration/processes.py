@@ -9,8 +9,10 @@ import asyncio
 import base64
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -264,3 +266,65 @@ async def private_kafka(directory: Path, port: int = 39092) -> AsyncIterator[Pri
         yield kafka
     finally:
         await kafka.stop(kill=True)
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own on `port` (trusting loopback, as the shared
+    one does), its data in a fresh directory owned by the `postgres` OS user (the server
+    refuses to run as root): stop it and start it again as often as needed."""
+
+    def __init__(self, port: int = 35432) -> None:
+        self.port = port
+        self.url = f"postgresql+asyncpg://postgres@localhost:{port}/postgres"
+        self.directory = Path(tempfile.mkdtemp(prefix="sync-logs-pg-"))
+        shutil.chown(self.directory, "postgres", "postgres")
+        self._data = self.directory / "data"
+
+    async def _as_postgres(self, *args: str) -> None:
+        command = ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        output, _ = await process.communicate()
+        assert process.returncode == 0, f"{' '.join(args)}: {output.decode()[-2000:]}"
+
+    async def start(self) -> None:
+        if not self._data.exists():
+            await self._as_postgres(
+                str(PG_BIN / "initdb"), "-D", str(self._data), "-U", "postgres",
+                "--auth=trust", "--no-sync", "-E", "UTF8",
+            )  # fmt: skip
+        options = f"-p {self.port} -c listen_addresses=localhost -c unix_socket_directories="
+        await self._as_postgres(
+            str(PG_BIN / "pg_ctl"), "-D", str(self._data), "-o", options,
+            "-l", str(self.directory / "server.log"), "-w", "-t", "120", "start",
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """A fast shutdown: clients are disconnected at once."""
+        if (self._data / "postmaster.pid").exists():
+            await self._as_postgres(
+                str(PG_BIN / "pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop"
+            )
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def private_postgres(port: int = 35432) -> AsyncIterator[PrivatePostgres]:
+    """A private server for the block, always stopped and removed at its end."""
+    server = PrivatePostgres(port)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+        server.remove()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import SecretStr
 
 from sync_service.config import Settings
 from sync_service.observability.logging import OffsetRange, formatter
@@ -166,3 +167,20 @@ def test_a_misspelt_log_format_is_one_line() -> None:
     assert process.stderr.splitlines() == [
         "sync-service: bad setting SYNC_LOG_FORMAT: Input should be 'text' or 'json'"
     ]
+
+
+class _WithKafkaSecret(Settings):
+    kafka_sasl_username: str = "sync"
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_key_password: str = ""
+
+
+def test_every_password_like_setting_is_a_secret(canary: str) -> None:
+    settings = _WithKafkaSecret(
+        database_url="postgresql+asyncpg://sync@db/sync",
+        kafka_sasl_password=SecretStr(f"sasl-{canary}"),
+        kafka_ssl_key_password=f"key-{canary}",
+    )
+    assert sorted(secrets_of(settings)) == [f"key-{canary}", f"sasl-{canary}"]
+    assert canary not in repr(settings)
+    assert "kafka_ssl_key_password='***'" in repr(settings)
