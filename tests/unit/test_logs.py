@@ -153,20 +153,31 @@ def test_an_error_without_a_message_is_described_by_its_type(canary: str) -> Non
     )
 
 
-def test_a_misspelt_log_format_is_one_line() -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("SYNC_LOG_FORMAT", "jsn", "Input should be 'text' or 'json'"),
+        (
+            "SYNC_LOG_LEVEL",
+            "infoo",
+            "Input should be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'",
+        ),
+        ("SYNC_LOG_OUTAGE_SUMMARY_S", "0", "Input should be greater than 0"),
+    ],
+)
+def test_a_misspelt_log_setting_is_one_line(variable: str, value: str, expected: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
     process = subprocess.run(
         [str(Path(sys.executable).with_name("sync-service")), "offsets"],
-        env={**env, "SYNC_LOG_FORMAT": "jsn"},
+        env={**env, variable: value},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert process.returncode == 2
-    assert process.stderr.splitlines() == [
-        "sync-service: bad setting SYNC_LOG_FORMAT: Input should be 'text' or 'json'"
-    ]
+    assert process.stderr.splitlines() == [f"sync-service: bad setting {variable}: {expected}"]
+    assert Settings(log_level="warning").log_level == "WARNING"  # any case
 
 
 class _WithKafkaSecret(Settings):
