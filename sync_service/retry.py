@@ -137,5 +137,7 @@ async def retrying(
         else:
             if unreachable is not None:
                 unreachable.recovered()
+            if on is not None:
+                outages.current()[on].recovered()
             backoff.reset()
             return result

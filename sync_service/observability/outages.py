@@ -32,6 +32,10 @@ POSTGRESQL: Dependency = "PostgreSQL"
 
 log = logging.getLogger("sync_service.outages")
 Clock = Callable[[], float]
+RECOVERY_GRACE_S = 5.0
+"""How long answers must come with no failure in between before an outage is told over:
+with one broker of several down, the others answer while the client keeps failing to
+reach that one, and the log should say so once, not every second."""
 
 
 class Outage:
@@ -48,7 +52,10 @@ class Outage:
         self.summary_every_s = summary_every_s
         self._clock = clock
         self.down = False
-        """True from the first failure to reach it until the first success after that."""
+        """True from the first failure to reach it until it has answered, with no failure,
+        for `RECOVERY_GRACE_S`."""
+        self._answered: float | None = None
+        """While down: when it first answered after its latest failure."""
         self._since = 0.0
         self._told = 0.0
         self._failures = 0
@@ -59,6 +66,7 @@ class Outage:
         """One failed attempt to reach it, for `cause` (a one-line description)."""
         now = self._clock()
         self._failures += 1
+        self._answered = None
         if not self.down:
             self.down, self._since, self._told = True, now, now
             self._failures, self._hidden = 1, 0
@@ -81,14 +89,19 @@ class Outage:
         self._hidden += 1
 
     def recovered(self) -> None:
-        """It answered again."""
+        """It answered (called on every success: cheap while it is up)."""
         if not self.down:
             return
-        self.down = False
+        now = self._clock()
+        if self._answered is None:
+            self._answered = now
+        if now - self._answered < RECOVERY_GRACE_S:
+            return
+        self.down, answered, self._answered = False, self._answered, None
         log.info(
             "%s reachable again", self.dependency,
             extra={
-                "dependency": self.dependency, "down_s": round(self._clock() - self._since, 1),
+                "dependency": self.dependency, "down_s": round(answered - self._since, 1),
                 "failures": self._failures, "hidden": self._hidden,
             },
         )  # fmt: skip

@@ -84,7 +84,7 @@ class ChangeConsumer:
         self._aligner: Aligner[ConsumerRecord[bytes, bytes]] = Aligner(ALIGN_MAX_HOLD_S)
         self._consumer: AIOKafkaConsumer | None = None
         self._fetched_at: float | None = None
-        """While Kafka is known to be unreachable: the latest fetch answer seen then."""
+        """While Kafka is known to be unreachable: the latest fetch answer seen so far."""
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
 
     @property
@@ -125,6 +125,8 @@ class ChangeConsumer:
         now = self._clock()
         if outages.current().kafka.down:
             self._notice_fetches(consumer, fetched)
+        else:
+            self._fetched_at = None
         for tp, records in fetched.items():
             if (tp.topic, tp.partition) not in self._expected:
                 continue  # revoked while the fetch was under way
@@ -173,11 +175,9 @@ class ChangeConsumer:
             if TopicPartition(*tp) in consumer.assignment()
         ]
         latest = max(polled, default=0)
-        if self._fetched_at is None:
-            self._fetched_at = latest
-        elif fetched or latest > self._fetched_at:
-            self._fetched_at = None
+        if self._fetched_at is not None and (fetched or latest > self._fetched_at):
             outages.current().kafka.recovered()
+        self._fetched_at = latest
 
     @property
     def _share(self) -> int:

@@ -7,6 +7,7 @@ its cause, an error without a message by its type and what was being done."""
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterator
 
 import pytest
@@ -44,8 +45,10 @@ def test_an_outage_is_one_line_then_summaries_then_one_line(
     for _ in range(65 * 25):  # 25 s of aiokafka's pace
         kafka.failed("KafkaConnectionError: Unable to bootstrap", doing="relay")
         clock.now += 1 / 65
+    kafka.recovered()  # answers must hold for a while before it is told over
+    clock.now += outages.RECOVERY_GRACE_S
     kafka.recovered()
-    kafka.recovered()  # a second success says nothing more
+    kafka.recovered()  # a further success says nothing more
     lines = _lines(caplog)
     assert [r.getMessage() for r in lines] == [
         "Kafka unreachable",
@@ -88,6 +91,8 @@ def test_library_connection_errors_fold_into_the_outage(
     assert len(lines) == 2  # the first line and one summary in 20 s
     assert "Connect call failed" in lines[0].cause  # type: ignore[attr-defined]
     outages.current().kafka.recovered()
+    clock.now += outages.RECOVERY_GRACE_S
+    outages.current().kafka.recovered()
     back = _lines(caplog)[-1]
     assert back.failures == 20 * 65  # type: ignore[attr-defined]
     assert back.hidden == 20 * 65  # type: ignore[attr-defined]
@@ -126,6 +131,8 @@ async def test_retry_lines_name_their_cause(clock: Clock, caplog: pytest.LogCapt
             return "done"
 
     assert await retrying("relay", work, Backoff(0.001, 0.001)) == "done"
+    clock.now += outages.RECOVERY_GRACE_S
+    assert await retrying("relay", work, Backoff(0.001, 0.001)) == "done"
     retry, down, back = _lines(caplog)
     assert retry.getMessage() == "relay failed, retrying"
     assert retry.cause == (  # type: ignore[attr-defined]
@@ -148,6 +155,8 @@ async def test_the_stage_names_the_dependency_of_a_bare_connection_error(
             raise failures.pop()
 
     await retrying("write batch", work, Backoff(0.001, 0.001), on=outages.POSTGRESQL)
+    clock.now += outages.RECOVERY_GRACE_S
+    await retrying("write batch", work, Backoff(0.001, 0.001), on=outages.POSTGRESQL)
     assert [r.getMessage() for r in _lines(caplog)] == [
         "PostgreSQL unreachable",
         "PostgreSQL reachable again",
@@ -155,3 +164,27 @@ async def test_the_stage_names_the_dependency_of_a_bare_connection_error(
     assert outages.dependency_of(KafkaConnectionError()) == outages.KAFKA
     assert outages.is_connection_failure(TimeoutError())
     assert not outages.is_connection_failure(SaslAuthenticationFailed())
+    assert not outages.is_connection_failure(ssl.SSLCertVerificationError("Hostname mismatch"))
+
+
+def test_one_broker_of_several_down_is_one_outage_not_a_flap(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other brokers answer every 0.1 s while the client fails to reach one of them
+    every 0.5 s: one outage with its summaries, over only once the failures stop."""
+    caplog.set_level(logging.INFO)
+    kafka = outages.current().kafka
+    for tick in range(300):  # 30 s
+        if tick % 5 == 0:
+            kafka.failed("Unable connect to node with id 2: [Errno 111] Connect call failed")
+        kafka.recovered()
+        clock.now += 0.1
+    assert [r.getMessage() for r in _lines(caplog)] == ["Kafka unreachable"] + [
+        "Kafka still unreachable"
+    ] * 2
+    for _ in range(60):  # node 2 is back: only answers from now on
+        kafka.recovered()
+        clock.now += 0.1
+    back = _lines(caplog)[-1]
+    assert back.getMessage() == "Kafka reachable again"
+    assert back.down_s == pytest.approx(29.6, abs=0.15)  # type: ignore[attr-defined]
