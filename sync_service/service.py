@@ -67,16 +67,6 @@ async def serve(
     stop = stop or asyncio.Event()
     _install_signal_handlers(stop)
     engine = await connect(settings)
-    log.info(
-        "sync-service starting",
-        extra={
-            "parts": [p for p, on in (("consume", consume), ("relay", relay)) if on],
-            "kafka": settings.kafka_bootstrap,
-            "database": masked_url(settings.database_url),
-            "group": settings.group_id,
-            "http_port": settings.http_port,
-        },
-    )
     try:
         if consume:
             await require_topics(
@@ -106,6 +96,16 @@ async def serve(
             return checks
 
         runner = await serve_http(settings.http_port, readiness)
+        log.info(
+            "sync-service started",
+            extra={
+                "parts": [p for p, on in (("consume", consume), ("relay", relay)) if on],
+                "kafka": settings.kafka_bootstrap,
+                "database": masked_url(settings.database_url),
+                "group": settings.group_id,
+                "http_port": settings.http_port,
+            },
+        )
         parts: list[Coroutine[Any, Any, None]] = [_gauges(engine, stop)]
         if consumer is not None:
             parts.append(consumer.run(stop))

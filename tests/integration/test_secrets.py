@@ -78,7 +78,7 @@ async def test_no_output_holds_the_database_password(
                 outputs[f"{name}: /readyz"] = await running.get(settings.http_port, "/readyz")
                 outputs[f"{name}: /metrics"] = await running.get(settings.http_port, "/metrics")
             outputs[name] = bytes(running.stdout.data + running.stderr.data)
-            assert b"sync-service starting" in outputs[name]
+            assert b"sync-service started" in outputs[name]
             assert b"dead-lettered" in outputs[name]
 
     env = environment(settings)
