@@ -59,6 +59,7 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings are lines of the log too (redacted, as JSON)
     # aiokafka's debug lines are its protocol; its warnings and errors go through
     # `LibraryErrors`, which folds the repeated ones into the outage lines.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))

@@ -1,15 +1,15 @@
 """Outages, told once: when Kafka or PostgreSQL stops answering, one WARNING line names the
 cause; while it lasts, a summary (how long, how many failed attempts) at most every
-`summary_every_s`; when it answers again, one INFO line. Nothing in between: the retries
-of a known outage log at DEBUG, and aiokafka's own connection errors (dozens a second
-while a broker is down) are counted instead of written.
+`summary_every_s`; once its answers have held for `RECOVERY_GRACE_S`, one INFO line.
+Nothing in between: the retries of a known outage log at DEBUG, and aiokafka's own
+connection errors (dozens a second while a broker is down) are counted, not written.
 
-The process has one `Outage` per dependency (`current()`), fed from three places: the
-retry loop (`retry.retrying`) with each failure it retries, the steps of the service
-(`step`) with their successes, and `LibraryErrors`, a logging filter that reads aiokafka's
-records. A library error that is not a plain connection failure (an authentication or TLS
-refusal, an authorization error) is not folded away: each kind is written once per
-`summary_every_s`.
+The process has one `Outage` per dependency (`current()`), fed by the retry loop
+(`retry.retrying`) with each failure it retries, by the steps of the service (`step`,
+and the consumer's fetches) with their successes, and by `LibraryErrors`, a logging
+filter that reads aiokafka's records. A library error that is not a plain connection
+failure (an authentication or TLS refusal, an authorization error) is not folded away:
+each kind is written once per `summary_every_s`.
 """
 
 from __future__ import annotations
