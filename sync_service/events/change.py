@@ -45,7 +45,8 @@ class Change(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record that cannot be applied, and why; it is stored, never dropped."""
+    """A record that cannot be applied, and why; it is stored, never dropped. `key` and
+    `value` are their first bytes up to the dead-letter caps; the sizes are whole."""
 
     source: Source
     key: bytes | None
@@ -53,3 +54,4 @@ class DeadLetter:
     value_size: int
     kind: str
     reason: str
+    key_size: int

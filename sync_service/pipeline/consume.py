@@ -65,9 +65,7 @@ class ChangeConsumer:
             settings.users_topic: "user",
             settings.orders_topic: "order",
         }
-        self._limits = Limits(
-            settings.max_message_bytes, settings.max_json_depth, settings.dead_letter_value_bytes
-        )
+        self._limits = Limits.of(settings)
         self._builder = BatchBuilder(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
         self._expected: dict[TP, int | None] = {}
         """Owned partitions and the position this consumer believes is stored for each."""

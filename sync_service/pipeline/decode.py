@@ -7,10 +7,11 @@ message can never stop the partition behind it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -18,16 +19,30 @@ from pydantic import TypeAdapter, ValidationError
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.events.inbound import MONEY, ORDER_ENVELOPE, USER_ENVELOPE, Envelope
 
+if TYPE_CHECKING:
+    from sync_service.config import Settings
+
 _ADAPTERS: dict[Entity, TypeAdapter[Any]] = {"user": USER_ENVELOPE, "order": ORDER_ENVELOPE}
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What a record may weigh before it is parsed, and how deep its JSON may nest."""
+    """What a record may weigh before it is parsed, how deep its JSON may nest, and how
+    much of a dead letter's value and key is kept."""
 
     max_bytes: int
     max_depth: int
     dead_letter_value_bytes: int
+    dead_letter_key_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(
+            settings.max_message_bytes,
+            settings.max_json_depth,
+            settings.dead_letter_value_bytes,
+            settings.dead_letter_key_bytes,
+        )
 
 
 class InvalidMessage(Exception):
@@ -55,14 +70,24 @@ def decode(
     except InvalidMessage as exc:
         size = len(value) if value is not None else 0
         kept = value[: limits.dead_letter_value_bytes] if value is not None else None
-        return DeadLetter(source, key, kept, size, exc.kind, str(exc))
+        return DeadLetter(
+            source,
+            key[: limits.dead_letter_key_bytes] if key is not None else None,
+            kept,
+            size,
+            exc.kind,
+            str(exc),
+            key_size=len(key) if key is not None else 0,
+        )
 
 
 def _decode(
     entity: Entity, source: Source, key: bytes | None, value: bytes | None, limits: Limits
 ) -> Change:
-    if value is None or not value:
-        raise InvalidMessage("empty", "empty value: a change event must be a JSON envelope")
+    if value is None:
+        raise InvalidMessage("empty", "null value (a tombstone): a change event is a JSON object")
+    if not value:
+        raise InvalidMessage("empty", "empty value: a change event is a JSON object")
     if len(value) > limits.max_bytes:
         raise InvalidMessage(
             "oversized", f"value is {len(value)} bytes, over the {limits.max_bytes}-byte limit"
@@ -73,46 +98,91 @@ def _decode(
     try:
         envelope = _ADAPTERS[entity].validate_json(value)
     except ValidationError as exc:
-        raise _diagnose(entity, source, value, exc) from None
+        raise _diagnose(entity, source, value, exc, limits.max_depth) from None
     if envelope["entity"] == "order" and envelope["op"] == "upsert":
         _check_exact_total(value)
     entity_id: int = envelope["data"]["id"]
     if key is None:
         raise InvalidMessage("bad_key", f"missing key: expected b'{entity_id}'")
     if key != str(entity_id).encode():
-        shown = key[:40].decode("utf-8", "replace")
-        raise InvalidMessage("bad_key", f"key {shown!r} does not match data.id {entity_id}")
+        shown = repr(key[:_KEY_SHOWN].decode("utf-8", "replace"))
+        if len(key) > _KEY_SHOWN:
+            shown += f"... ({len(key):,} bytes)"
+        raise InvalidMessage("bad_key", f"key {shown} does not match data.id {entity_id}")
     return _change(entity, envelope, source)
 
 
-def _strict_json(value: bytes) -> Any:
+def _strict_json(value: bytes, max_depth: int) -> Any:
     """`value` parsed as RFC 8259 JSON (orjson: no NaN or Infinity, unlike pydantic-core)."""
     try:
         return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise InvalidMessage("not_json", f"not UTF-8 JSON: {exc}") from None
+        raise _unreadable(value, exc, max_depth) from None
 
 
 def _check_json(value: bytes, limit: int) -> None:
     """What pydantic-core's reader lets through: NaN and Infinity (not JSON), and depth."""
-    if _depth_exceeds(_strict_json(value), limit):
+    if _depth_exceeds(_strict_json(value, limit), limit):
         raise InvalidMessage("too_deep", f"JSON nests deeper than {limit} levels")
 
 
-def _diagnose(entity: Entity, source: Source, value: bytes, exc: ValidationError) -> InvalidMessage:
+def _diagnose(
+    entity: Entity, source: Source, value: bytes, exc: ValidationError, max_depth: int
+) -> InvalidMessage:
     """Why an envelope failed, in the words of the kind of fault (slow: failures only)."""
     try:
-        parsed = _strict_json(value)
-    except InvalidMessage as not_json:
-        return not_json
+        parsed = _strict_json(value, max_depth)
+    except InvalidMessage as unreadable:
+        return unreadable
     if not isinstance(parsed, dict):
         return InvalidMessage("invalid", "the envelope must be a JSON object")
     got = parsed.get("entity")
-    if got != entity:
+    if isinstance(got, str) and got in _ADAPTERS and got != entity:
         return InvalidMessage(
             "wrong_entity", f"entity {got!r} on topic {source.topic}, which carries {entity!r}"
         )
+    # No entity, or one that names nothing: the schema's own words say which.
     return InvalidMessage("invalid", _summarize(exc))
+
+
+_KEY_SHOWN = 40
+"""How much of a wrong key a reason quotes."""
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?")
+_NOT_A_NUMBER = re.compile(r"-?(?:NaN|Infinity)")
+_NAME_BEFORE = re.compile(r'"([^"\\]{1,64})"\s*:\s*\Z')
+
+
+def _unreadable(value: bytes, error: orjson.JSONDecodeError, max_depth: int) -> InvalidMessage:
+    """What keeps `value` from being read as JSON, in words its producer can act on. The
+    checks do not rely on the wording of orjson's messages, only on where it stopped."""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError as bad:
+        return InvalidMessage(
+            "not_json", f"not UTF-8: byte 0x{value[bad.start]:02x} at offset {bad.start:,}"
+        )
+    at = error.pos  # in characters of `text`
+    if at and text[at - 1] == "-":
+        at -= 1  # a sign is part of the number or literal it starts
+    # Up to where the parser stopped, the text is well-formed JSON: the brackets still
+    # open there, outside strings, are how deep it nests (orjson stops at 1,024 levels).
+    # Without escaped quotes and backslashes, the strings are between pairs of quotes.
+    read = "".join(text[:at].replace("\\\\", "").replace('\\"', "").split('"')[::2])
+    if read.count("{") + read.count("[") - read.count("}") - read.count("]") > max_depth:
+        return InvalidMessage("too_deep", f"JSON nests deeper than {max_depth} levels")
+    name = _NAME_BEFORE.search(text, max(0, at - 100), at)
+    where = f"{name[1]}: " if name else f"at character {at:,}: "
+    number = _NUMBER.match(text, at)
+    if number is not None and math.isinf(float(number[0])):
+        digits = number[0]
+        shown = digits if len(digits) <= 24 else f"{digits[:20]}... ({len(digits):,} characters)"
+        return InvalidMessage("invalid", f"{where}number too large: {shown}")
+    literal = _NOT_A_NUMBER.match(text, at)
+    if literal is not None:
+        return InvalidMessage(
+            "not_json", f"{where}{literal[0]} is not JSON (RFC 8259 has no NaN or Infinity)"
+        )
+    return InvalidMessage("not_json", f"not JSON: {error}")
 
 
 _EXACT_TOTAL = re.compile(rb'"total"\s*:\s*(?:"|[0-9]{1,13}(?:\.[0-9]{1,2})?(?![0-9.eE]))')
@@ -187,6 +257,14 @@ def _summarize(exc: ValidationError, most: int = 3) -> str:
     for error in exc.errors()[:most]:
         # The discriminated union prefixes the op tag ("upsert.data.email"); drop it.
         loc = [str(p) for p in error["loc"] if p not in ("upsert", "delete")]
-        parts.append(f"{'.'.join(loc) or 'envelope'}: {error['msg']}")
+        if error["type"] == "union_tag_not_found":  # no `op`: nothing else was read
+            parts.append("op: Field required")
+        elif error["type"] == "union_tag_invalid":
+            ctx = error.get("ctx", {})
+            parts.append(
+                f"op: Input should be one of {ctx.get('expected_tags')}, not {ctx.get('tag')}"
+            )
+        else:
+            parts.append(f"{'.'.join(loc) or 'envelope'}: {error['msg']}")
     more = exc.error_count() - most
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
