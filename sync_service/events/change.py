@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 Entity = Literal["user", "order"]
 Op = Literal["upsert", "delete"]
+DeadLetterKind = Literal[
+    "empty", "oversized", "too_deep", "not_json", "invalid", "wrong_entity", "bad_key"
+]
+"""What is wrong with a dead letter, as contracts/README.md lists the kinds."""
 
 
 class Source(NamedTuple):
@@ -52,6 +56,6 @@ class DeadLetter:
     key: bytes | None
     value: bytes | None
     value_size: int
-    kind: str
+    kind: DeadLetterKind
     reason: str
     key_size: int

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from sync_service.events.change import Change, DeadLetter, Entity, Source
+from sync_service.events.change import Change, DeadLetter, DeadLetterKind, Entity, Source
 from sync_service.events.inbound import MONEY, ORDER_ENVELOPE, USER_ENVELOPE, Envelope
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class Limits:
 class InvalidMessage(Exception):
     """The record itself is at fault: `kind` labels the metric, the message says why."""
 
-    def __init__(self, kind: str, reason: str) -> None:
+    def __init__(self, kind: DeadLetterKind, reason: str) -> None:
         super().__init__(reason)
         self.kind = kind
 
