@@ -176,14 +176,17 @@ class ChangeConsumer:
         a rebalance or a seek happened while the positions were read."""
         epoch = self._epoch
         skipped = {}
-        for tp in list(self._expected):
-            if self._aligner.buffered(tp):
-                continue  # records still to decode: the batch's own offsets say how far
+        for tp, stored in list(self._expected.items()):
+            if stored is None or self._aligner.buffered(tp):
+                # Nothing stored yet: the position may wait on the broker to be known
+                # (never worth holding the loop for). Records still to decode: the
+                # batch's own offsets say how far it goes.
+                continue
             try:
                 position = await consumer.position(TopicPartition(*tp))
             except IllegalStateError:  # revoked meanwhile
                 continue
-            if position > (self._expected.get(tp) or 0):
+            if position > stored:
                 skipped[tp] = position
         return skipped if epoch == self._epoch else None
 

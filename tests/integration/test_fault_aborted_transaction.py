@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
-from tests.factories import encode, key_of, user_event
+from tests.factories import encode, key_of, order_event, user_event
 from tests.integration.harness import count, create_topics, produce, rows, running, wait_until
 
 
@@ -68,7 +68,8 @@ async def test_records_of_an_aborted_transaction_are_never_applied(
         await _send(aborting, users, [user_event(1, 2, name="Aborted"), user_event(2, 1)])
         await committing.begin_transaction()
         await _send(committing, users, [user_event(3, 1), user_event(1, 3, name="Committed")])
-        await committing.commit_transaction()
+        await _send(committing, settings.orders_topic, [order_event(8, 3, 1)])
+        await committing.commit_transaction()  # the orders log ends with its marker
         await _send(aborting, users, [user_event(4, 1), user_event(3, 2, name="Aborted")])
         await aborting.abort_transaction()
         # The log ends with an abort marker: nothing but a marker follows the last record.
@@ -79,13 +80,12 @@ async def test_records_of_an_aborted_transaction_are_never_applied(
         await aborting.stop()
         await committing.stop()
     end = await _end_offsets(settings)
-    assert end[(users, 0)] == 11  # 1 + 2 committed + 5 aborted + 3 markers
+    assert end == {(users, 0): 11, (settings.orders_topic, 0): 2}  # markers included
 
     async with running(settings):
 
         async def caught_up() -> bool:
-            stored = await _stored(engine, settings)
-            return stored.get((users, 0)) == end[(users, 0)]
+            return await _stored(engine, settings) == end
 
         await wait_until(caught_up, what="stored positions at the end offsets, markers included")
 
@@ -94,8 +94,8 @@ async def test_records_of_an_aborted_transaction_are_never_applied(
         (3, 1, "User 3"),
     ]
     published = await rows(engine, "SELECT aggregate_id, version FROM outbox ORDER BY id")
-    assert sorted(published) == [("1", 1), ("1", 3), ("3", 1)]
+    assert sorted(published) == [("1", 1), ("1", 3), ("3", 1), ("8", 1)]
+    assert await rows(engine, "SELECT id, user_id FROM orders") == [(8, 3)]
     assert await count(engine, "SELECT count(*) FROM dead_letters") == 0
     assert await count(engine, "SELECT count(*) FROM pending_changes") == 0
-    stored = await _stored(engine, settings)
-    assert stored[(users, 0)] == end[(users, 0)]
+    assert await _stored(engine, settings) == end

@@ -17,8 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bench.hostile import corpus
 from sync_service.config import Settings
 from sync_service.kafka import ensure_topics
+from sync_service.ops.dlq import redrive
 from tests.factories import encode, key_of, user_event
-from tests.integration.harness import positions_reached, rows, running, wait_until
+from tests.integration.harness import positions_reached, rows, running, scalar, wait_until
 from tests.integration.test_cli import cli
 
 LARGEST = 16 << 20
@@ -116,6 +117,18 @@ async def test_hostile_messages_are_dead_letters_of_their_kind_and_the_rest_appl
     assert by_name["1,000,000-digit version"][1].startswith("version: number too large")
     assert by_name["no entity"] == ("invalid", "entity: Field required")
     assert by_name["1 MB key"][1].endswith(f"(1,048,576 bytes) does not match data.id {HOSTILE_ID}")
+
+    # A letter whose key was cut is not re-driven as if the cut key were the key.
+    letter_id = await scalar(engine, "SELECT id FROM dead_letters WHERE key_size = :n", n=1 << 20)
+    assert await redrive(settings, [letter_id]) == (
+        "re-drove 1: 0 applied, 1 still not applicable (see `sync-service dlq list`)"
+    )
+    assert await scalar(
+        engine, "SELECT redrive_result FROM dead_letters WHERE id = :i", i=letter_id
+    ) == (
+        f"cannot re-drive: only {settings.dead_letter_key_bytes} of its key's 1048576 bytes"
+        " were kept (SYNC_DEAD_LETTER_KEY_BYTES)"
+    )
 
     listed = await cli(settings, "dlq", "list", "--json", "--all")
     assert listed.code == 0, listed.stderr

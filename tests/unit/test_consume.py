@@ -226,8 +226,16 @@ async def test_positions_move_past_what_read_committed_skips_never_past_a_pendin
     await consumer._step(kafka)
     await consumer._settle()
     assert stored == [{}]
-    now[0] = 1.0  # the batch is due: it stores the position past the skipped offsets too
+    now[0] = 1.0  # the batch is due
     await consumer._step(kafka)
     await consumer._settle()
-    assert stored == [{}, {("users", 0): 6}]
+    assert stored == [{}, {("users", 0): 3}]
+    now[0] = 2.0  # the next sweep stores the position past the skipped offsets
+    await consumer._step(kafka)
+    await consumer._settle()
+    assert stored == [{}, {("users", 0): 3}, {("users", 0): 6}]
     assert consumer._expected[("users", 0)] == 6
+    now[0] = 3.0  # once there, a sweep stores no position
+    await consumer._step(kafka)
+    await consumer._settle()
+    assert stored[3:] == [{}]
