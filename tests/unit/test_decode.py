@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 from bench.hostile import corpus, slow_paths
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.events.inbound import OrderData, UserData, UserUpsert
-from sync_service.pipeline.decode import Limits, change_from_envelope, decode, envelope_document
+from sync_service.pipeline.decode import (
+    Limits,
+    _nests_deeper,
+    _outside_strings,
+    change_from_envelope,
+    decode,
+    envelope_document,
+)
 from tests.factories import delete_event, encode, envelope, order_data, order_event, user_event
 
 LIMITS = Limits(
@@ -230,6 +237,59 @@ def test_a_long_key_is_kept_capped_with_its_size() -> None:
     small = dead(b"{", key=b"1234", limits=dataclasses.replace(LIMITS, dead_letter_key_bytes=2))
     assert (small.key, small.key_size) == (b"12", 4)
     assert dead(b"{", key=None).key_size == 0
+
+
+def nesting(node: Any) -> int:
+    """How deep `node` nests (a scalar 0, an empty container 1): the reference."""
+    if isinstance(node, dict):
+        return 1 + max(map(nesting, node.values()), default=0)
+    if isinstance(node, list):
+        return 1 + max(map(nesting, node), default=0)
+    return 0
+
+
+deep_values = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@given(node=deep_values, limit=st.integers(2, 12))
+def test_the_depth_scan_agrees_with_the_parsed_depth(node: Any, limit: int) -> None:
+    # strings full of brackets, quotes and backslashes, which are no nesting
+    raw = json.dumps(node).encode()
+    assert _nests_deeper(_outside_strings(raw), limit) == (nesting(node) > limit)
+
+
+def open_depth(text: str) -> int:
+    """The deepest that `text` (JSON, perhaps cut short) goes, read a character at a time:
+    the reference for messages that are not whole."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+@given(node=deep_values, keep=st.floats(0.05, 1.0))
+def test_a_message_cut_short_is_too_deep_when_what_is_there_is(node: Any, keep: float) -> None:
+    text = json.dumps({"x": [node]})
+    cut = text[: max(1, int(len(text) * keep))]
+    result = run(cut.encode())
+    assert isinstance(result, DeadLetter)
+    assert (result.kind == "too_deep") == (open_depth(cut) > LIMITS.max_depth), result
 
 
 def test_every_hostile_message_of_the_fault_suite_gets_its_kind_quickly() -> None:
