@@ -24,7 +24,7 @@ from sync_service.pipeline.plan import COLUMNS
 PARTITIONS = 12
 BAD_RATE = 0.001
 """About one message in a thousand must be dead-lettered, as in the demo."""
-_LIMITS = Limits(max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=0)
+_LIMITS = Limits(max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=0, dead_letter_key_bytes=0)
 
 
 @dataclass(frozen=True, slots=True)

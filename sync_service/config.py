@@ -43,8 +43,10 @@ class Settings(BaseSettings):
 
     # Input limits: larger or deeper messages are dead-lettered before parsing.
     max_message_bytes: int = Field(default=1_048_576, ge=1)
-    max_json_depth: int = Field(default=8, ge=2)
+    # pydantic-core's JSON reader stops at about 200 levels: a deeper limit could not hold.
+    max_json_depth: int = Field(default=8, ge=2, le=200)
     dead_letter_value_bytes: int = Field(default=65_536, ge=0)
+    dead_letter_key_bytes: int = Field(default=1_024, ge=0)
 
     # Waiting changes (an order before its user, an email not yet free).
     pending_retry_ms: int = Field(default=1_000, ge=10)

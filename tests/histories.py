@@ -30,7 +30,9 @@ STATUSES = ("pending", "paid", "shipped", "cancelled", "refunded")
 EPOCH = datetime(2026, 11, 24, 10, tzinfo=UTC)
 # One draw per user's other columns: fewer draws make generation faster and shrinking easier.
 _USER_VARIANTS = tuple(itertools.product(("Ada", "Grace"), (True, False), (None, "GB", "NL")))
-LIMITS = Limits(max_bytes=1_048_576, max_depth=8, dead_letter_value_bytes=65_536)
+LIMITS = Limits(
+    max_bytes=1_048_576, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1024
+)
 
 Row = dict[str, Any]
 TopicPartition = tuple[str, int]

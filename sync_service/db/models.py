@@ -157,6 +157,8 @@ class DeadLetterRow(Base):
     partition: Mapped[int] = mapped_column(Integer)
     offset: Mapped[int] = mapped_column(BigInteger)
     key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    key_size: Mapped[int | None] = mapped_column(Integer)
+    """The key's full size (`key` holds its first bytes); none on rows stored whole."""
     value: Mapped[bytes | None] = mapped_column(LargeBinary)
     value_size: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(32))

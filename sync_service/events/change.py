@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 Entity = Literal["user", "order"]
 Op = Literal["upsert", "delete"]
+DeadLetterKind = Literal[
+    "empty", "oversized", "too_deep", "not_json", "invalid", "wrong_entity", "bad_key"
+]
+"""What is wrong with a dead letter, as contracts/README.md lists the kinds."""
 
 
 class Source(NamedTuple):
@@ -45,11 +49,13 @@ class Change(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record that cannot be applied, and why; it is stored, never dropped."""
+    """A record that cannot be applied, and why; it is stored, never dropped. `key` and
+    `value` are their first bytes up to the dead-letter caps; the sizes are whole."""
 
     source: Source
     key: bytes | None
     value: bytes | None
     value_size: int
-    kind: str
+    kind: DeadLetterKind
     reason: str
+    key_size: int

@@ -40,6 +40,8 @@ class DeadLetterView:
     partition: int
     offset: int
     key: bytes | None
+    key_size: int | None
+    """None on letters stored before keys were capped: their key is whole."""
     value: bytes | None
     value_size: int
     kind: str
@@ -54,7 +56,9 @@ class DeadLetterView:
             "topic": self.topic,
             "partition": self.partition,
             "offset": self.offset,
-            "key": _text(self.key),
+            "key": _text(self.key, _PREVIEW_CHARS),  # whole unless it is a long one
+            "key_size": self.full_key_size,
+            "key_kept": len(self.key or b""),
             "value_preview": _text(self.value, _PREVIEW_CHARS),
             "value_size": self.value_size,
             "value_kept": len(self.value or b""),
@@ -64,6 +68,10 @@ class DeadLetterView:
             "redriven_at": self.redriven_at.isoformat() if self.redriven_at else None,
             "redrive_result": self.redrive_result,
         }
+
+    @property
+    def full_key_size(self) -> int:
+        return self.key_size if self.key_size is not None else len(self.key or b"")
 
 
 async def list_dead_letters(
@@ -183,17 +191,21 @@ async def _require_known(connection: AsyncConnection, ids: list[int]) -> None:
 
 def _decode_again(settings: Settings, letters: list[DeadLetterView]) -> _Outcomes:
     entities: dict[str, Entity] = {settings.users_topic: "user", settings.orders_topic: "order"}
-    limits = Limits(
-        settings.max_message_bytes, settings.max_json_depth, settings.dead_letter_value_bytes
-    )
+    limits = Limits.of(settings)
     outcomes = _Outcomes([], [], {})
     for letter in letters:
         kept = len(letter.value or b"")
+        key_kept = len(letter.key or b"")
         entity = entities.get(letter.topic)
         if letter.value_size > kept:
             outcomes.rejected[letter.id] = (
                 f"cannot re-drive: only {kept} of its {letter.value_size} bytes were kept "
                 "(SYNC_DEAD_LETTER_VALUE_BYTES)"
+            )
+        elif letter.full_key_size > key_kept:
+            outcomes.rejected[letter.id] = (
+                f"cannot re-drive: only {key_kept} of its key's {letter.full_key_size} bytes "
+                "were kept (SYNC_DEAD_LETTER_KEY_BYTES)"
             )
         elif entity is None:
             outcomes.rejected[letter.id] = (

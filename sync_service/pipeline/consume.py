@@ -6,7 +6,9 @@ batch) so that standard lag tools see the truth. Fetched records are buffered pe
 partition and taken oldest first across partitions (`align`); one batch is written at a
 time while the next one fills, and a partition whose buffer holds its share of a batch
 pauses (backpressure) until it drains. On revoke and on stop, the batch in flight
-finishes (or, past the grace period, is rolled back whole).
+finishes (or, past the grace period, is rolled back whole). The consumer reads
+`read_committed`: an upstream's aborted transactions are never returned, and the stored
+positions move past them and past the transaction markers, to the partitions' ends.
 """
 
 from __future__ import annotations
@@ -66,9 +68,7 @@ class ChangeConsumer:
             settings.users_topic: "user",
             settings.orders_topic: "order",
         }
-        self._limits = Limits(
-            settings.max_message_bytes, settings.max_json_depth, settings.dead_letter_value_bytes
-        )
+        self._limits = Limits.of(settings)
         self._builder = BatchBuilder(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
         self._expected: dict[TP, int | None] = {}
         """Owned partitions and the position this consumer believes is stored for each."""
@@ -86,6 +86,8 @@ class ChangeConsumer:
         self._fetched_at: float | None = None
         """While Kafka is known to be unreachable: the latest fetch answer seen so far."""
         self._backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
+        self._epoch = 0
+        """Counts rebalances and seeks: a position read across one of them is stale."""
 
     @property
     def assigned(self) -> bool:
@@ -161,8 +163,15 @@ class ChangeConsumer:
         if self._inflight is None and not self._rebalancing and self._expected:
             sweep = now >= self._pending_due
             if self._builder.due(now) or sweep:
+                skipped = await self._skipped(consumer)
+                if skipped is None:
+                    return  # a rebalance or a seek came between: the next step decides
                 batch = self._builder.take() if self._builder.due(now) else Batch()
                 batch.sweep = sweep
+                for tp, position in skipped.items() if not len(self._builder) else ():
+                    # Only with every decoded record in this batch: then none lies before.
+                    if position > batch.next_offsets.get(tp, 0):
+                        batch.next_offsets[tp] = position
                 self._start(batch)
         await asyncio.sleep(0)  # let the batch in flight take its turn
 
@@ -178,6 +187,28 @@ class ChangeConsumer:
         if self._fetched_at is not None and (fetched or latest > self._fetched_at):
             outages.current().kafka.recovered()
         self._fetched_at = latest
+
+    async def _skipped(self, consumer: AIOKafkaConsumer) -> dict[TP, int] | None:
+        """The consumer's position of each owned partition whose fetched records are all
+        decoded, where it is past the stored one: only a position shows what read_committed
+        skipped without returning it (transaction markers, an aborted transaction's
+        records), so a log that ends with a marker is stored as read to its end. None when
+        a rebalance or a seek happened while the positions were read."""
+        epoch = self._epoch
+        skipped = {}
+        for tp, stored in list(self._expected.items()):
+            if stored is None or self._aligner.buffered(tp):
+                # Nothing stored yet: the position may wait on the broker to be known
+                # (never worth holding the loop for). Records still to decode: the
+                # batch's own offsets say how far it goes.
+                continue
+            try:
+                position = await consumer.position(TopicPartition(*tp))
+            except IllegalStateError:  # revoked meanwhile
+                continue
+            if position > stored:
+                skipped[tp] = position
+        return skipped if epoch == self._epoch else None
 
     @property
     def _share(self) -> int:
@@ -304,6 +335,7 @@ class ChangeConsumer:
 
     async def on_revoked(self, revoked: set[TP]) -> None:
         self._rebalancing = True
+        self._epoch += 1
         await self._flush()
         for tp in revoked:
             self._expected.pop(tp, None)
@@ -330,6 +362,7 @@ class ChangeConsumer:
         and forget what was buffered for them."""
         consumer = self._consumer
         assert consumer is not None
+        self._epoch += 1
         positions = await retrying(
             "read positions",
             lambda: self._writer.positions(partitions),
@@ -348,6 +381,7 @@ class ChangeConsumer:
                 consumer.seek(TopicPartition(*tp), position)
         if fresh:
             await consumer.seek_to_beginning(*fresh)
+        self._epoch += 1  # and after: a position read while the seeks were under way
 
     async def _shutdown(self, consumer: AIOKafkaConsumer) -> None:
         """Finish or roll back the batch in flight, write what is buffered, leave the group."""

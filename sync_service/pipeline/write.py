@@ -328,6 +328,7 @@ class BatchWriter:
                         "partition": d.source.partition,
                         "offset": d.source.offset,
                         "key": d.key,
+                        "key_size": d.key_size,
                         "value": d.value,
                         "value_size": d.value_size,
                         "kind": d.kind,

@@ -328,7 +328,7 @@ async def test_dlq_list_shows_where_each_bad_message_came_from_and_why(
         (o, 0, 0, b"5", "empty"),
     }
     reasons = {(d.topic, d.offset): d.reason for d in letters}
-    assert reasons[(u, 1)].startswith("not UTF-8 JSON")
+    assert reasons[(u, 1)].startswith("not JSON: ")
     assert reasons[(u, 2)].startswith("data.email: ")
     assert reasons[(u, 3)] == "missing key: expected b'4'"
     assert reasons[(u, 4)] == f"entity 'order' on topic {u}, which carries 'user'"
@@ -345,6 +345,8 @@ async def test_dlq_list_shows_where_each_bad_message_came_from_and_why(
         "partition": 0,
         "offset": 4,
         "key": "6",
+        "key_size": 1,
+        "key_kept": 1,
         "value_preview": raw.decode()[:199] + "…",
         "value_size": len(raw),
         "value_kept": len(raw),
@@ -402,7 +404,7 @@ async def test_redrive_applies_what_is_now_valid_and_keeps_the_rest_listed(
         (not_json, False, marks[3][2]),
         (truncated, False, cut),
     ]
-    assert marks[3][2].startswith("still invalid: not UTF-8 JSON")
+    assert marks[3][2].startswith("still invalid: not JSON: ")
 
     listed = await list_dead_letters(settings, limit=50, include_redriven=False)
     assert [d.id for d in listed] == [truncated, not_json]

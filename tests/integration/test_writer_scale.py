@@ -13,7 +13,9 @@ from sync_service.pipeline.write import BatchWriter
 from tests.factories import encode, key_of, order_event, user_event
 from tests.integration.harness import count
 
-LIMITS = Limits(max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=1024)
+LIMITS = Limits(
+    max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=1024, dead_letter_key_bytes=1024
+)
 
 
 def _batch(topic: str, events: list[dict[str, object]], first_offset: int) -> Batch:

@@ -19,7 +19,9 @@ def record(topic: str, partition: int, offset: int) -> Change:
 
 
 def letter(topic: str, partition: int, offset: int) -> DeadLetter:
-    return DeadLetter(Source(topic, partition, offset), b"1", b"{", 1, "not_json", "bad")
+    return DeadLetter(
+        Source(topic, partition, offset), b"1", b"{", 1, "not_json", "bad", key_size=1
+    )
 
 
 def test_an_empty_builder_is_never_due() -> None:

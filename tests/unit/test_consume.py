@@ -198,3 +198,44 @@ async def test_stop_waits_at_most_the_grace_period_for_a_broker_that_never_answe
     await asyncio.wait_for(consumer._shutdown(kafka), timeout=2)
     assert consumer._mirroring is not None
     assert consumer._mirroring.cancelled()
+
+
+async def test_positions_move_past_what_read_committed_skips_never_past_a_pending_record() -> None:
+    settings = Settings(
+        users_topic="users", batch_max_events=100, batch_max_wait_ms=5, pending_retry_ms=200
+    )
+    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i + 1))) for i in range(3)])
+    kafka.end = 6  # offsets 3 to 5: aborted records and markers, which are never returned
+    stored: list[dict[tuple[str, int], int]] = []
+
+    class Writer:
+        async def write(
+            self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
+        ) -> WriteResult:
+            stored.append(dict(batch.next_offsets))
+            return WriteResult(next_offsets=dict(batch.next_offsets))
+
+    now = [0.0]
+    consumer = ChangeConsumer(settings, Writer(), clock=lambda: now[0])  # type: ignore[arg-type]
+    consumer._consumer = kafka
+    consumer._expected[("users", 0)] = None
+    consumer._pending_due = 0.0  # a sweep of waiting changes is due at once
+
+    # The three records are decoded but their batch is not due: the sweep goes alone, and
+    # must not store the position past them (a crash then would lose them).
+    await consumer._step(kafka)
+    await consumer._settle()
+    assert stored == [{}]
+    now[0] = 1.0  # the batch is due
+    await consumer._step(kafka)
+    await consumer._settle()
+    assert stored == [{}, {("users", 0): 3}]
+    now[0] = 2.0  # the next sweep stores the position past the skipped offsets
+    await consumer._step(kafka)
+    await consumer._settle()
+    assert stored == [{}, {("users", 0): 3}, {("users", 0): 6}]
+    assert consumer._expected[("users", 0)] == 6
+    now[0] = 3.0  # once there, a sweep stores no position
+    await consumer._step(kafka)
+    await consumer._settle()
+    assert stored[3:] == [{}]

@@ -6,7 +6,9 @@ exactly the values of its envelope (money as an exact decimal, times with their 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,15 +18,26 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bench.hostile import corpus, slow_paths
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.events.inbound import OrderData, UserData, UserUpsert
-from sync_service.pipeline.decode import Limits, change_from_envelope, decode, envelope_document
+from sync_service.pipeline.decode import (
+    Limits,
+    _nests_deeper,
+    _outside_strings,
+    change_from_envelope,
+    decode,
+    envelope_document,
+)
 from tests.factories import delete_event, encode, envelope, order_data, order_event, user_event
 
-LIMITS = Limits(max_bytes=1_048_576, max_depth=8, dead_letter_value_bytes=65_536)
+LIMITS = Limits(
+    max_bytes=1_048_576, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1024
+)
 KINDS = {"empty", "oversized", "not_json", "invalid", "too_deep", "wrong_entity", "bad_key"}
 TOPIC: dict[Entity, str] = {"user": "cdc.users", "order": "cdc.orders"}
 EVENT_ID = "2b1f0c7e-8a55-4c1e-9d3e-6f1a2b3c4d5e"
+REMOVED_FIELD = object()
 
 
 def run(
@@ -79,7 +92,7 @@ def test_an_empty_value_is_a_dead_letter(value: bytes | None) -> None:
 
 def test_an_oversized_value_is_kept_truncated_with_its_size() -> None:
     value = encode(user_event(7, 1))
-    small = Limits(max_bytes=64, max_depth=8, dead_letter_value_bytes=16)
+    small = dataclasses.replace(LIMITS, max_bytes=64, dead_letter_value_bytes=16)
     letter = dead(value, limits=small)
     assert letter.kind == "oversized"
     assert f"{len(value)} bytes" in letter.reason
@@ -87,11 +100,26 @@ def test_an_oversized_value_is_kept_truncated_with_its_size() -> None:
     assert (letter.value, letter.value_size) == (value[:16], len(value))
 
 
-@pytest.mark.parametrize("value", [b"{not json", b'{"a": 1', b"\xff\xfe{}", b"NaN", b"{'a': 1}"])
-def test_what_is_not_json_is_a_dead_letter(value: bytes) -> None:
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (
+            b"{not json",
+            "not JSON: unexpected character, expected a string key: line 1 column 2 (char 1)",
+        ),
+        (b'{"a": 1', "not JSON: unexpected end of data: line 1 column 8 (char 7)"),
+        (b"\xff\xfe{}", "not UTF-8: byte 0xff at offset 0"),
+        (b'{"name": "Ad\xc3\x28"}', "not UTF-8: byte 0xc3 at offset 12"),
+        (b"NaN", "at character 0: NaN is not JSON (RFC 8259 has no NaN or Infinity)"),
+        (
+            b"{'a': 1}",
+            "not JSON: unexpected character, expected a string key: line 1 column 2 (char 1)",
+        ),
+    ],
+)
+def test_what_is_not_json_is_a_dead_letter(value: bytes, reason: str) -> None:
     letter = dead(value)
-    assert letter.kind == "not_json"
-    assert letter.reason.startswith("not UTF-8 JSON")
+    assert (letter.kind, letter.reason) == ("not_json", reason)
     assert letter.value == value
 
 
@@ -123,14 +151,159 @@ def test_an_entity_on_the_wrong_topic_is_a_dead_letter() -> None:
     assert letter.reason == "entity 'user' on topic cdc.orders, which carries 'order'"
 
 
-def test_an_envelope_without_entity_is_a_dead_letter() -> None:
+@pytest.mark.parametrize(
+    ("entity", "reason"),
+    [
+        (REMOVED_FIELD, "entity: Field required"),
+        (None, "entity: Input should be 'user'"),
+        ("customer", "entity: Input should be 'user'"),
+        (["user"], "entity: Input should be 'user'"),
+    ],
+)
+def test_an_envelope_without_a_known_entity_is_invalid(entity: Any, reason: str) -> None:
     value = user_event(7, 1)
-    del value["entity"]
+    if entity is REMOVED_FIELD:
+        del value["entity"]
+    else:
+        value["entity"] = entity
     letter = dead(encode(value))
+    assert (letter.kind, letter.reason) == ("invalid", reason)
+
+
+def test_an_envelope_of_nothing_but_nulls_is_invalid_and_says_what_it_lacks() -> None:
+    letter = dead(encode(dict.fromkeys(user_event(7, 1))))
     assert (letter.kind, letter.reason) == (
-        "wrong_entity",
-        "entity None on topic cdc.users, which carries 'user'",
+        "invalid",
+        "op: Input should be one of 'upsert', 'delete', not None",
     )
+    nulls = {**user_event(7, 1), "data": dict.fromkeys(user_data_7())}
+    letter = dead(encode(nulls))
+    assert letter.kind == "invalid"
+    assert letter.reason.startswith("data.id: Input should be a valid integer; data.email: ")
+
+
+# --- hostile input: each kind of fault labelled as contracts/README.md says ----------------
+
+
+def test_nesting_deeper_than_the_parser_goes_is_too_deep_not_unreadable() -> None:
+    # orjson stops at 1,024 levels; the message is still well-formed JSON, just too deep.
+    for levels in (1_025, 100_000):
+        deep = b"[" * levels + b"]" * levels
+        for value in (deep, encode(user_event(7, 1))[:-1] + b',"deep":' + deep + b"}"):
+            letter = dead(value)
+            assert (letter.kind, letter.reason) == ("too_deep", "JSON nests deeper than 8 levels")
+    assert dead(b"[" * 1_000_000).kind == "too_deep"  # nor does it need to be complete
+
+
+def test_brackets_inside_strings_are_not_nesting() -> None:
+    # escaped quotes and backslashes do not end a string early
+    text = '[[[[[[[[[[[\\"\\\\[[[[[[[[[['
+    value = encode(user_event(7, 1)).replace(b'"op"', f'"s":"{text}","x":NaN,"op"'.encode())
+    letter = dead(value)
+    assert (letter.kind, letter.reason) == (
+        "not_json",
+        "x: NaN is not JSON (RFC 8259 has no NaN or Infinity)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "reason"),
+    [
+        (
+            b'"version":1',
+            b"9" * 1_000_000,
+            "version: number too large: 99999999999999999999... (1,000,000 characters)",
+        ),
+        (
+            b'"version":1',
+            b"-" + b"9" * 400,
+            "version: number too large: -9999999999999999999... (401 characters)",
+        ),
+        (b'"id":7', b"1e999", "id: number too large: 1e999"),
+    ],
+)
+def test_a_number_no_field_can_hold_is_invalid(field: bytes, raw: bytes, reason: str) -> None:
+    value = encode(user_event(7, 1)).replace(field, field.split(b":")[0] + b":" + raw)
+    letter = dead(value)
+    assert (letter.kind, letter.reason) == ("invalid", reason)
+
+
+def test_a_long_key_is_kept_capped_with_its_size() -> None:
+    key = b"7" * 1_048_576
+    letter = dead(encode(user_event(7, 1)), key=key)
+    assert letter.kind == "bad_key"
+    assert letter.reason == f"key {'7' * 40!r}... (1,048,576 bytes) does not match data.id 7"
+    assert (letter.key, letter.key_size) == (key[: LIMITS.dead_letter_key_bytes], len(key))
+    small = dead(b"{", key=b"1234", limits=dataclasses.replace(LIMITS, dead_letter_key_bytes=2))
+    assert (small.key, small.key_size) == (b"12", 4)
+    assert dead(b"{", key=None).key_size == 0
+
+
+def nesting(node: Any) -> int:
+    """How deep `node` nests (a scalar 0, an empty container 1): the reference."""
+    if isinstance(node, dict):
+        return 1 + max(map(nesting, node.values()), default=0)
+    if isinstance(node, list):
+        return 1 + max(map(nesting, node), default=0)
+    return 0
+
+
+deep_values = st.recursive(
+    st.none() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(alphabet='[]{}"\\a', max_size=4), inner, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@given(node=deep_values, limit=st.integers(2, 12))
+def test_the_depth_scan_agrees_with_the_parsed_depth(node: Any, limit: int) -> None:
+    # strings full of brackets, quotes and backslashes, which are no nesting
+    raw = json.dumps(node).encode()
+    assert _nests_deeper(_outside_strings(raw), limit) == (nesting(node) > limit)
+
+
+def open_depth(text: str) -> int:
+    """The deepest that `text` (JSON, perhaps cut short) goes, read a character at a time:
+    the reference for messages that are not whole."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+@given(node=deep_values, keep=st.floats(0.05, 1.0))
+def test_a_message_cut_short_is_too_deep_when_what_is_there_is(node: Any, keep: float) -> None:
+    text = json.dumps({"x": [node]})
+    cut = text[: max(1, int(len(text) * keep))]
+    result = run(cut.encode())
+    assert isinstance(result, DeadLetter)
+    assert (result.kind == "too_deep") == (open_depth(cut) > LIMITS.max_depth), result
+
+
+def test_every_hostile_message_of_the_fault_suite_gets_its_kind_quickly() -> None:
+    # A regression guard against a check that grows faster than the message: a scan
+    # that is quadratic in the size takes minutes here, not a second.
+    for message in [*corpus(), *slow_paths()]:
+        started = time.thread_time()
+        result = run(message.value, key=message.key)
+        spent = time.thread_time() - started
+        assert isinstance(result, DeadLetter), message.name
+        assert (message.name, result.kind) == (message.name, message.kind)
+        assert "\n" not in result.reason
+        assert len(result.reason) < 200, result.reason
+        assert spent < 1.0, (message.name, spent)
 
 
 # --- fields that break the contract -----------------------------------------------------
@@ -178,7 +351,8 @@ INVALID_USERS: list[tuple[str, dict[str, Any], str]] = [
     ("occurred_at as a number", {**user_event(7, 1), "occurred_at": 1_795_000_000}, "occurred_at"),
     ("occurred_at not a time", {**user_event(7, 1), "occurred_at": "yesterday"}, "occurred_at"),
     ("event_id not a UUID", {**user_event(7, 1), "event_id": "42"}, "event_id"),
-    ("unknown op", {**user_event(7, 1), "op": "merge"}, "envelope"),
+    ("unknown op", {**user_event(7, 1), "op": "merge"}, "op"),
+    ("no op", {k: v for k, v in user_event(7, 1).items() if k != "op"}, "op"),
     ("no data", {k: v for k, v in user_event(7, 1).items() if k != "data"}, "data"),
     ("delete of id 0", delete_event("user", 0, 1), "data.id"),
 ]
@@ -410,13 +584,17 @@ json_values = st.recursive(
 keys = st.none() | st.binary(max_size=6) | st.integers(-5, 50).map(lambda i: str(i).encode())
 
 
-def check_outcome(result: Change | DeadLetter, value: bytes | None) -> None:
+def check_outcome(
+    result: Change | DeadLetter, value: bytes | None, key: bytes | None = None
+) -> None:
     if isinstance(result, DeadLetter):
         assert result.kind in KINDS
         assert result.reason
         assert "\n" not in result.reason
         assert result.value == (value[: LIMITS.dead_letter_value_bytes] if value else value)
         assert result.value_size == len(value or b"")
+        assert result.key == (key[: LIMITS.dead_letter_key_bytes] if key else key)
+        assert result.key_size == len(key or b"")
     else:
         assert isinstance(result, Change)
         assert result.op == "delete" or result.row is not None
@@ -428,13 +606,13 @@ def check_outcome(result: Change | DeadLetter, value: bytes | None) -> None:
 def test_arbitrary_bytes_never_raise(
     value: bytes | None, key: bytes | None, entity: Entity
 ) -> None:
-    check_outcome(run(value, entity=entity, key=key), value)
+    check_outcome(run(value, entity=entity, key=key), value, key)
 
 
 @given(obj=st.dictionaries(st.text(max_size=12), json_values, max_size=8), key=keys)
 def test_arbitrary_json_objects_never_raise(obj: dict[str, Any], key: bytes | None) -> None:
     value = json.dumps(obj).encode()  # json, not orjson: NaN, Infinity and huge ints too
-    check_outcome(run(value, key=key), value)
+    check_outcome(run(value, key=key), value, key)
 
 
 REMOVED = object()
@@ -463,4 +641,4 @@ def test_a_valid_envelope_with_any_field_replaced_never_raises(
     else:
         target[field] = replacement
     raw = json.dumps(value).encode()
-    check_outcome(run(raw, entity=entity, key=key), raw)
+    check_outcome(run(raw, entity=entity, key=key), raw, key)

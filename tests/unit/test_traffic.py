@@ -22,7 +22,9 @@ from sync_service.ops.traffic import (
 )
 from sync_service.pipeline.decode import Limits, decode
 
-LIMITS = Limits(max_bytes=1_048_576, max_depth=8, dead_letter_value_bytes=65_536)
+LIMITS = Limits(
+    max_bytes=1_048_576, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1024
+)
 PARTITIONS = 6
 
 
