@@ -135,25 +135,55 @@ def offsets(as_json: JsonFlag = False) -> None:
         typer.echo(report.render())
 
 
+TimeOption = typer.Option(
+    formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d"],
+    help="RFC 3339 (a time without a zone is UTC).",
+)
+
+
 @app.command()
 def replay(
-    topic: Annotated[str, typer.Option(help="The topic to rewind.")],
-    partition: Annotated[int, typer.Option(help="The partition to rewind.", min=0)],
-    from_offset: Annotated[int | None, typer.Option(help="Replay from this offset.", min=0)] = None,
-    from_time: Annotated[
-        datetime | None,
-        typer.Option(
-            help="Replay from the first record at or after this time (RFC 3339).",
-            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d"],
-        ),
+    topic: Annotated[str, typer.Option(help="The inbound topic to replay.")],
+    partition: Annotated[
+        list[int] | None, typer.Option(help="A partition to replay (repeat for more).", min=0)
     ] = None,
+    all_partitions: Annotated[bool, typer.Option(help="Every partition of the topic.")] = False,
+    from_offset: Annotated[int | None, typer.Option(help="Replay from this offset.", min=0)] = None,
+    from_time: Annotated[datetime | None, TimeOption] = None,
+    to_offset: Annotated[
+        int | None, typer.Option(help="Stop before this offset, then go on from where it was.")
+    ] = None,
+    to_time: Annotated[datetime | None, TimeOption] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Read the range and say what would change; write nothing.")
+    ] = False,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Rewind a partition; replayed events re-apply safely (stale ones change nothing)."""
-    from sync_service.ops.replay import replay as do_replay
+    """Re-read a range of a topic's partitions; replayed events re-apply safely (stale
+    ones change nothing). With --to-*, the consumer then goes on from where it was."""
+    from sync_service.ops.dryrun import dry_run as do_dry_run
+    from sync_service.ops.replay import ReplayRequest, replay_range
 
-    if (from_offset is None) == (from_time is None):
-        _fail("give exactly one of --from-offset and --from-time", 2)
-    typer.echo(_run(do_replay(_settings(), topic, partition, from_offset, from_time)))
+    if partition and all_partitions:
+        _fail("give --partition or --all-partitions, not both", 2)
+    if not partition and not all_partitions:
+        _fail("give --partition P (one or more) or --all-partitions", 2)
+    request = ReplayRequest(
+        topic, None if all_partitions else partition, from_offset, from_time, to_offset, to_time
+    )
+    settings = _settings()
+    if dry_run:
+        report = _run(do_dry_run(settings, request))
+        if as_json:
+            _print_json(report.as_json())
+        else:
+            typer.echo(report.render())
+        return
+    done = _run(replay_range(settings, request))
+    if as_json:
+        _print_json({"topic": topic, "partitions": done})
+    else:
+        typer.echo("\n".join(d["line"] for d in done))
 
 
 @app.command()
