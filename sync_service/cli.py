@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Coroutine
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -184,6 +185,36 @@ def replay(
         _print_json({"topic": topic, "partitions": done})
     else:
         typer.echo("\n".join(d["line"] for d in done))
+
+
+class EntityChoice(StrEnum):
+    user = "user"
+    order = "order"
+
+
+@app.command()
+def republish(
+    entity: Annotated[EntityChoice, typer.Option(help="Which rows: users or orders.")],
+    id_: Annotated[
+        list[int] | None, typer.Option("--id", help="A row to re-send (repeat for more).", min=1)
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every row, deleted ones too.")] = False,
+    since: Annotated[
+        datetime | None,
+        typer.Option(
+            formats=TimeOption.formats,
+            help="Rows updated or deleted at or after this time (RFC 3339).",
+        ),
+    ] = None,
+    chunk: Annotated[int, typer.Option(help="Rows per transaction.", min=1)] = 1_000,
+) -> None:
+    """Re-send the current state of rows downstream (user.snapshot / order.snapshot),
+    published exactly once by the relay, in order with live changes."""
+    from sync_service.ops.republish import Selection
+    from sync_service.ops.republish import republish as do_republish
+
+    selection = Selection(entity.value, id_ or None, all_, since)
+    typer.echo(_run(do_republish(_settings(), selection, chunk)))
 
 
 @app.command()
