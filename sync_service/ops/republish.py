@@ -46,7 +46,7 @@ from sync_service.events.outbound import snapshot_event_id, snapshot_value
 from sync_service.ops import audit
 from sync_service.pipeline.plan import COLUMNS
 from sync_service.pipeline.write import OUTBOX_CHANNEL
-from sync_service.retry import describe
+from sync_service.retry import describe, is_transient
 from sync_service.service import connect
 
 OLDER_WAIT_S = 60.0
@@ -140,36 +140,62 @@ async def _send_chunk(
     done: _Done,
 ) -> list[dict[str, Any]]:
     """One chunk in one transaction (started again while a younger batch wrote one of its
-    rows first); returns its rows."""
-    table = _TABLES[selection.entity]
+    rows first, or a deadlock chose it); returns its rows."""
     for _ in range(ATTEMPTS):
-        async with engine.connect() as connection, connection.begin() as transaction:
-            found = await _read_chunk(connection, table, selection, after, chunk)
-            if found is None:
-                await transaction.rollback()
-                continue
-            rows, now = found
-            if not rows and done.action_id is not None:
-                return rows  # the last chunk was full and nothing followed it
-            if done.action_id is None:
-                done.action_id = await audit.record(
-                    connection, settings, "republish", arguments, "started"
-                )
-            await _write_snapshots(connection, selection.entity, rows, now, done.action_id)
-            committed = _Done(
-                selection.entity,
-                done.action_id,
-                done.sent + len(rows),
-                done.deleted + sum(1 for row in rows if row["deleted_at"] is not None),
-                done.chunks + 1,
-            )
-            await audit.amend(connection, done.action_id, committed.summary())
-        done.sent, done.deleted, done.chunks = committed.sent, committed.deleted, committed.chunks
-        return rows
+        try:
+            rows = await _attempt_chunk(engine, settings, selection, arguments, after, chunk, done)
+        except Exception as error:
+            # A deadlock with a batch that locks the same rows in another order (one of
+            # the two is rolled back), or the database blinked: the chunk starts again.
+            if not is_transient(error):
+                raise
+            await asyncio.sleep(0.05)
+            continue
+        if rows is not None:
+            return rows
     raise UserError(
         f"rows kept changing under the re-send ({ATTEMPTS} attempts at one chunk): "
         "try again with a smaller --chunk"
     )
+
+
+async def _attempt_chunk(
+    engine: AsyncEngine,
+    settings: Settings,
+    selection: Selection,
+    arguments: dict[str, Any],
+    after: int,
+    chunk: int,
+    done: _Done,
+) -> list[dict[str, Any]] | None:
+    """One attempt at a chunk; None when a younger batch wrote one of its rows first."""
+    table = _TABLES[selection.entity]
+    async with engine.connect() as connection, connection.begin() as transaction:
+        found = await _read_chunk(connection, table, selection, after, chunk)
+        if found is None:
+            await transaction.rollback()
+            return None
+        rows, now = found
+        if not rows and done.action_id is not None:
+            return rows  # the last chunk was full and nothing followed it
+        if done.action_id is None:
+            action_id = await audit.record(connection, settings, "republish", arguments, "started")
+        else:
+            action_id = done.action_id
+        await _write_snapshots(connection, selection.entity, rows, now, action_id)
+        committed = _Done(
+            selection.entity,
+            action_id,
+            done.sent + len(rows),
+            done.deleted + sum(1 for row in rows if row["deleted_at"] is not None),
+            done.chunks + 1,
+        )
+        await audit.amend(connection, action_id, committed.summary())
+    # Committed: only now does `done` say so (a failed attempt leaves it as it was).
+    done.action_id, done.sent, done.deleted, done.chunks = (
+        action_id, committed.sent, committed.deleted, committed.chunks,
+    )  # fmt: skip
+    return rows
 
 
 async def _require_known(engine: AsyncEngine, table: Table, selection: Selection) -> None:
