@@ -47,7 +47,9 @@ class Outcome:
 async def cli(settings: Settings, *args: str, **env: str) -> Outcome:
     """Run `sync-service *args` with `settings` as SYNC_* variables (and `env` on top)."""
     variables = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-    variables.update({f"SYNC_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
+    variables.update(
+        {f"SYNC_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+    )
     variables.update(env)
     process = await asyncio.create_subprocess_exec(
         str(EXECUTABLE),
