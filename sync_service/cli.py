@@ -152,7 +152,8 @@ def replay(
     from_offset: Annotated[int | None, typer.Option(help="Replay from this offset.", min=0)] = None,
     from_time: Annotated[datetime | None, TimeOption] = None,
     to_offset: Annotated[
-        int | None, typer.Option(help="Stop before this offset, then go on from where it was.")
+        int | None,
+        typer.Option(help="Stop before this offset, then go on from where it was.", min=0),
     ] = None,
     to_time: Annotated[datetime | None, TimeOption] = None,
     dry_run: Annotated[

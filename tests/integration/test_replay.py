@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
 from sync_service.kafka import admin
+from sync_service.ops.audit import list_actions, render
 from sync_service.ops.dryrun import dry_run
 from sync_service.ops.replay import ReplayRequest, replay_range
 from tests.factories import order_event, user_event
@@ -101,11 +102,16 @@ async def test_a_replay_of_every_partition_from_a_time_to_a_time(
     async with running(settings):
         await wait_until(lambda: positions_reached(engine, settings, 36), what="consumed")
         stale_before = stale_total()
-        request = ReplayRequest(
-            users, None, from_time=now - timedelta(minutes=25), to_time=now - timedelta(minutes=15)
-        )
+        since, until = now - timedelta(minutes=25), now - timedelta(minutes=15)
+        request = ReplayRequest(users, None, from_time=since, to_time=until)
         done = await replay_range(settings, request)
         assert [d["partition"] for d in done] == [0, 1]
+        listed = render(await list_actions(settings, limit=5)).splitlines()
+        assert listed[0].endswith(
+            f"  replay from_time={since.isoformat()} partitions=all"
+            f" to_time={until.isoformat()} topic={users}"
+        )
+        assert listed[1:] == [f"    ok: {done[0]['line']}", f"      {done[1]['line']}"]
         for d in done:
             first, middle, last = (c[d["partition"]] for c in counts)
             assert (d["position_before"], d["position_after"]) == (first + middle + last, first)
