@@ -23,7 +23,7 @@ from sync_service.config import Settings
 from sync_service.errors import UserError
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.ops.offsets import offset_reader
-from sync_service.ops.replay import Range, ReplayRequest, resolve
+from sync_service.ops.replay import Range, ReplayRequest, check, resolve
 from sync_service.pipeline.decode import Limits, change_from_envelope, decode
 from sync_service.pipeline.plan import PendingKey, Row, needs, plan
 from sync_service.pipeline.write import load_stored
@@ -105,11 +105,14 @@ class DryRunReport:
 async def dry_run(settings: Settings, request: ReplayRequest) -> DryRunReport:
     """Read `request`'s range and say, per partition, how many of its changes would apply,
     are stale, would wait, and how many records would be dead letters."""
-    ranges = await resolve(settings, request)
-    entity: Entity = "user" if request.topic == settings.users_topic else "order"
-    tallies = {r.partition: PartitionTally(r.partition, r.start, r.stop, entity) for r in ranges}
+    check(request, settings)
     engine = await connect(settings)
     try:
+        ranges = await resolve(settings, request)
+        entity: Entity = "user" if request.topic == settings.users_topic else "order"
+        tallies = {
+            r.partition: PartitionTally(r.partition, r.start, r.stop, entity) for r in ranges
+        }
         async with engine.connect() as connection:
             await connection.execution_options(isolation_level="REPEATABLE READ")
             async with connection.begin() as transaction:

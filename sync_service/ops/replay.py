@@ -135,9 +135,10 @@ async def replay_range(settings: Settings, request: ReplayRequest) -> list[dict[
     """Move the positions (and, for a bounded replay, store where each partition goes
     back to) in one transaction that also records the action; returns, per partition,
     what was done (`line` says it in words)."""
-    ranges = await resolve(settings, request)
+    check(request, settings)
     engine = await connect(settings)
     try:
+        ranges = await resolve(settings, request)
         async with engine.begin() as connection:
             done = await _store(connection, settings, request.topic, ranges)
             outcome = "\n".join(d["line"] for d in done)
