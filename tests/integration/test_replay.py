@@ -16,6 +16,7 @@ from sync_service.config import Settings
 from sync_service.kafka import admin
 from sync_service.ops.audit import list_actions, render
 from sync_service.ops.dryrun import dry_run
+from sync_service.ops.offsets import read_offsets
 from sync_service.ops.replay import ReplayRequest, replay_range
 from tests.factories import order_event, user_event
 from tests.integration.harness import (
@@ -101,21 +102,33 @@ async def test_a_replay_of_every_partition_from_a_time_to_a_time(
     assert all(c[p] for c in counts for p in (0, 1)), "12 keys land on both partitions"
     async with running(settings):
         await wait_until(lambda: positions_reached(engine, settings, 36), what="consumed")
-        stale_before = stale_total()
-        since, until = now - timedelta(minutes=25), now - timedelta(minutes=15)
-        request = ReplayRequest(users, None, from_time=since, to_time=until)
-        done = await replay_range(settings, request)
-        assert [d["partition"] for d in done] == [0, 1]
-        listed = render(await list_actions(settings, limit=5)).splitlines()
-        assert listed[0].endswith(
-            f"  replay from_time={since.isoformat()} partitions=all"
-            f" to_time={until.isoformat()} topic={users}"
-        )
-        assert listed[1:] == [f"    ok: {done[0]['line']}", f"      {done[1]['line']}"]
-        for d in done:
-            first, middle, last = (c[d["partition"]] for c in counts)
-            assert (d["position_before"], d["position_after"]) == (first + middle + last, first)
-            assert (d["replay_end"], d["resume_offset"]) == (first + middle, first + middle + last)
+    since, until = now - timedelta(minutes=25), now - timedelta(minutes=15)
+    request = ReplayRequest(users, None, from_time=since, to_time=until)
+    done = await replay_range(settings, request)
+    assert [d["partition"] for d in done] == [0, 1]
+    listed = render(await list_actions(settings, limit=5)).splitlines()
+    assert listed[0].endswith(
+        f"  replay from_time={since.isoformat()} partitions=all"
+        f" to_time={until.isoformat()} topic={users}"
+    )
+    assert listed[1:] == [f"    ok: {done[0]['line']}", f"      {done[1]['line']}"]
+    for d in done:
+        first, middle, last = (c[d["partition"]] for c in counts)
+        assert (d["position_before"], d["position_after"]) == (first + middle + last, first)
+        assert (d["replay_end"], d["resume_offset"]) == (first + middle, first + middle + last)
+    # `offsets` shows the replays under way, and counts as lag only what is left to read.
+    report = await read_offsets(settings)
+    users_parts = [p for p in report.as_json()["partitions"] if p["topic"] == users]
+    assert [(p["lag"], p["replay_end"]) for p in users_parts] == [
+        (counts[1][p], counts[0][p] + counts[1][p]) for p in (0, 1)
+    ]
+    assert [line for line in report.render().splitlines() if "replay" in line] == [
+        f"replay under way: {users}[{d['partition']}] to offset {d['replay_end']}, then on"
+        f" from {d['resume_offset']}"
+        for d in done
+    ]
+    stale_before = stale_total()
+    async with running(settings):
         await wait_until(lambda: _no_replay_left(engine), what="the replays ended")
         await wait_until(lambda: positions_reached(engine, settings, 36), what="resumed")
     # Exactly the middle group was read again (all stale), nothing before or after it.
