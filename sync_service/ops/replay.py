@@ -29,6 +29,7 @@ from sync_service.db.models import ConsumerOffset
 from sync_service.errors import UserError
 from sync_service.ops import audit
 from sync_service.ops.offsets import Bounds, offset_reader, partition_bounds, partition_counts
+from sync_service.retry import describe
 from sync_service.service import connect
 
 NOTE = "a running consumer picks this up on its next batch"
@@ -139,10 +140,15 @@ async def replay_range(settings: Settings, request: ReplayRequest) -> list[dict[
     engine = await connect(settings)
     try:
         ranges = await resolve(settings, request)
-        async with engine.begin() as connection:
-            done = await _store(connection, settings, request.topic, ranges)
-            outcome = "\n".join(d["line"] for d in done)
-            await audit.record(connection, settings, "replay", request.arguments(), outcome)
+        try:
+            async with engine.begin() as connection:
+                done = await _store(connection, settings, request.topic, ranges)
+                outcome = "\n".join(d["line"] for d in done)
+                await audit.record(connection, settings, "replay", request.arguments(), outcome)
+        except Exception as error:  # rolled back whole: no position moved
+            failed = f"rolled back, no position moved: {describe(error)}"
+            await audit.record_failure(engine, settings, "replay", request.arguments(), failed)
+            raise
         return done
     finally:
         await engine.dispose()
