@@ -60,6 +60,14 @@ async def test_a_bounded_replay_rereads_its_range_only_and_the_consumer_goes_on(
             await connection.execute(text("DELETE FROM users WHERE id IN (3, 4, 6)"))
             await connection.execute(text("DELETE FROM outbox"))
         request = ReplayRequest(users, [0], from_offset=2, to_offset=5)
+        # The dry run foresees what the replay then does: users 3 and 4 apply, 5 is stale.
+        foreseen = (await dry_run(settings, request)).as_json()["partitions"]
+        assert foreseen == [
+            {
+                "partition": 0, "from_offset": 2, "to_offset": 5, "records": 3,
+                "entities": {"user": {"applied": 2, "stale": 1, "waiting": 0, "dead_letters": 0}},
+            }
+        ]  # fmt: skip
         [done] = await replay_range(settings, request)
         assert done["line"] == (
             f"{users}[0]: position 8 -> 2, replaying to 5, then back to 8; "
