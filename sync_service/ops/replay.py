@@ -118,9 +118,12 @@ async def resolve(settings: Settings, request: ReplayRequest) -> list[Range]:
                                 request.to_time, edges)  # fmt: skip
             for offset in (start, end):
                 if offset is not None and not edges.beginning <= offset <= edges.end:
+                    gone = offset < edges.beginning
                     raise UserError(
-                        f"offset {offset} is outside {topic}[{partition}]: it can be replayed "
-                        f"from offset {edges.beginning} to {edges.end} (the end)"
+                        f"offset {offset} "
+                        + ("is no longer held by Kafka (retention) in" if gone else "is outside")
+                        + f" {topic}[{partition}]: it can be replayed from offset "
+                        f"{edges.beginning} to {edges.end} (the end)"
                     )
             assert start is not None
             if end is not None and end < start:

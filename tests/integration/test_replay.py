@@ -229,7 +229,8 @@ async def test_replay_refuses_what_it_cannot_do_with_one_line(
     tp = f"{u}[{partition}]"
     base = ("replay", "--topic", u, "--partition", str(partition))
     refused: dict[str, tuple[str, ...]] = {
-        f"offset 0 is outside {tp}: it can be replayed from offset 2 to 6 (the end)": (
+        f"offset 0 is no longer held by Kafka (retention) in {tp}: it can be replayed from"
+        " offset 2 to 6 (the end)": (
             *base, "--from-offset", "0"),
         f"offset 7 is outside {tp}: it can be replayed from offset 2 to 6 (the end)": (
             *base, "--from-offset", "3", "--to-offset", "7"),
