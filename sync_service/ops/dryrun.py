@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,8 +119,10 @@ async def dry_run(settings: Settings, request: ReplayRequest) -> DryRunReport:
             async with connection.begin() as transaction:
                 await connection.execute(text("SET TRANSACTION READ ONLY"))
                 planner = _Planner(connection, tallies)
-                async for chunk in _read(settings, request.topic, entity, ranges):
-                    await planner.plan(chunk)
+                # Closed on any failure too, so that its Kafka consumer stops at once.
+                async with aclosing(_read(settings, request.topic, entity, ranges)) as chunks:
+                    async for chunk in chunks:
+                        await planner.plan(chunk)
                 planner.finish()
                 await transaction.rollback()
     finally:
