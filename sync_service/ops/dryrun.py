@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +132,7 @@ async def dry_run(settings: Settings, request: ReplayRequest) -> DryRunReport:
 
 async def _read(
     settings: Settings, topic: str, entity: Entity, ranges: list[Range]
-) -> AsyncIterator[list[Change | DeadLetter]]:
+) -> AsyncGenerator[list[Change | DeadLetter], None]:
     """The decoded records of each range, in chunks, in offset order per partition."""
     limits = Limits(
         settings.max_message_bytes, settings.max_json_depth, settings.dead_letter_value_bytes
