@@ -134,7 +134,9 @@ def render(actions: list[ActionView]) -> str:
     for a in actions:
         # By name: jsonb keeps no order of its own.
         args = " ".join(
-            f"{k}={_value(v)}" for k, v in sorted(a.arguments.items()) if v not in (None, [])
+            f"{k}={_value(v)}"
+            for k, v in sorted(a.arguments.items())
+            if v is not None and v is not False and v != []
         )
         status = "ok" if a.ok else "FAILED"
         at = a.at.isoformat(timespec="seconds")
