@@ -19,6 +19,7 @@ from sync_service.config import Settings
 from sync_service.db.models import ConsumerOffset, DeadLetterRow
 from sync_service.errors import UserError
 from sync_service.events.change import Change, Entity
+from sync_service.ops import audit
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.write import BatchWriter, Fenced
@@ -121,20 +122,24 @@ async def redrive(settings: Settings, ids: list[int] | None) -> str:
     engine = await connect(settings)
     backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
     attempt = 1
+    arguments = {"ids": ids}
     try:
         while True:
             try:
                 async with engine.connect() as connection:
                     return await _redrive(connection, settings, ids)
+            except UserError:
+                raise  # refused: nothing started, nothing to record
             except Exception as error:
                 # A consumer wrote the same partitions or rows meanwhile (or the database
                 # blinked): the attempt rolled back whole, so another one starts clean.
-                if not (isinstance(error, Fenced) or is_transient(error)):
-                    raise
-                if attempt == _ATTEMPTS:
-                    raise UserError(
-                        f"re-drive rolled back after {attempt} attempts: {describe(error)}"
-                    ) from None
+                again = isinstance(error, Fenced) or is_transient(error)
+                if not again or attempt == _ATTEMPTS:
+                    outcome = f"rolled back after {attempt} attempts: {describe(error)}"
+                    await audit.record_failure(engine, settings, "dlq redrive", arguments, outcome)
+                    if not again:
+                        raise
+                    raise UserError(f"re-drive {outcome}") from None
             attempt += 1
             await asyncio.sleep(backoff.next_delay())
     finally:
@@ -177,8 +182,10 @@ async def _redrive(connection: AsyncConnection, settings: Settings, ids: list[in
                 .values(redrive_result=bindparam("result")),
                 [{"letter_id": i, "result": r} for i, r in outcomes.rejected.items()],
             )
-    skipped = len(set(ids)) - len(letters) if ids is not None else 0
-    return _summary(outcomes, waiting, skipped=skipped)
+        skipped = len(set(ids)) - len(letters) if ids is not None else 0
+        summary = _summary(outcomes, waiting, skipped=skipped)
+        await audit.record(connection, settings, "dlq redrive", {"ids": ids}, summary)
+    return summary
 
 
 async def _require_known(connection: AsyncConnection, ids: list[int]) -> None:

@@ -239,3 +239,43 @@ async def test_positions_move_past_what_read_committed_skips_never_past_a_pendin
     await consumer._step(kafka)
     await consumer._settle()
     assert stored[3:] == [{}]
+
+
+async def test_a_batch_that_ends_a_bounded_replay_makes_the_consumer_seek_and_forget() -> None:
+    """What was fetched and built after the end of the range is dropped, not written: the
+    partition goes on from the offset the writer stored."""
+    settings = Settings(
+        users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5
+    )
+    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(25)])
+    seeks: list[int] = []
+
+    def seek(tp: TopicPartition, offset: int) -> None:
+        seeks.append(offset)
+        kafka.backlog = []  # nothing after the resume offset in this fake
+
+    kafka.seek = seek  # type: ignore[attr-defined]
+
+    @dataclass
+    class EndsTheReplay(HeldWriter):
+        async def write(
+            self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
+        ) -> WriteResult:
+            await super().write(batch, expected)
+            return WriteResult(next_offsets={("users", 0): 100}, resumed={("users", 0): 100})
+
+    writer = EndsTheReplay()
+    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
+    consumer._consumer = kafka
+    consumer._expected[("users", 0)] = 0
+    consumer._pending_due = float("inf")
+    for _ in range(3):  # one batch handed to the (held) writer, the next one built
+        await consumer._step(kafka)
+    assert len(consumer._builder) == 10
+    writer.release.set()
+    for _ in range(20):
+        await consumer._step(kafka)
+    assert writer.batches == [10]
+    assert seeks == [100]
+    assert consumer._expected[("users", 0)] == 100
+    assert len(consumer._builder) == 0
