@@ -53,3 +53,5 @@ class DeadLetter:
     value_size: int
     kind: str
     reason: str
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    """The record's Kafka headers, in order (set by the consumer: decoding needs none)."""

@@ -10,6 +10,7 @@ owner.
 from __future__ import annotations
 
 import asyncio
+from base64 import b64encode
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ from sync_service.events.change import Change, Entity, Source
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope, envelope_document
+from sync_service.pipeline.guard import DeadLetterGuard, Trip, paused_partitions
 from sync_service.pipeline.plan import COLUMNS, Applied, PendingKey, Plan, Row, Waiting, needs, plan
 from sync_service.retry import Transient
 
@@ -180,17 +182,30 @@ class WriteResult:
     dead: int = 0
     outbox: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    tripped: list[Trip] = field(default_factory=list)
+    """Partitions this batch made the dead-letter guard pause (stored with it)."""
 
 
 class BatchWriter:
     """Writes batches for one consumer group; each `write` is one transaction."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], group_id: str,
-                 pending_load_limit: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        group_id: str,
+        pending_load_limit: int,
+        guard: DeadLetterGuard | None = None,
+    ) -> None:
         self._sessions = sessions
         self._group_id = group_id
         self._pending_limit = pending_load_limit
+        self._guard = guard
         self._waiting: dict[PendingKey, Change] = {}
+
+    async def paused(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, Trip]:
+        """Which of `partitions` the dead-letter guard holds for this group, and why."""
+        async with self._sessions() as session:
+            return await paused_partitions(session, self._group_id, partitions)
 
     async def positions(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         """The stored next offsets of `partitions` (absent where nothing was stored yet)."""
@@ -217,6 +232,8 @@ class BatchWriter:
             stored = await _load_stored(session, [*pending, *batch.changes])
             result_plan = plan(batch.changes, pending, stored)
             result = await self._apply(session, batch, result_plan, txid)
+            if self._guard is not None and batch.dead:
+                result.tripped = await self._guard.check(session, batch)
             await self._store_positions(session, batch.next_offsets)
         result.next_offsets = dict(batch.next_offsets)
         return result
@@ -332,6 +349,7 @@ class BatchWriter:
                         "value_size": d.value_size,
                         "kind": d.kind,
                         "reason": d.reason,
+                        "headers": _headers_document(d.headers),
                     }
                     for d in batch.dead
                 ],
@@ -420,6 +438,14 @@ def _outbox_row(change: Change, row: Row, txid: int) -> _OutboxRow:
         change.version,
         payload,
     )
+
+
+def _headers_document(headers: Sequence[tuple[str, bytes | None]]) -> list[list[str | None]] | None:
+    """Kafka headers as JSON: `[name, base64 value or null]` pairs, in order (a header's
+    value is any bytes, and a name may repeat)."""
+    if not headers:
+        return None
+    return [[name, None if value is None else b64encode(value).decode()] for name, value in headers]
 
 
 def _pending_row(waiting: Waiting) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class Record:
     key: bytes
     value: bytes
     timestamp: int = 0
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
