@@ -157,6 +157,21 @@ def replay(
     typer.echo(_run(do_replay(_settings(), topic, partition, from_offset, from_time)))
 
 
+@app.command()
+def history(
+    as_json: JsonFlag = False,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.", min=1)] = 50,
+) -> None:
+    """Every operator action that changed something: what, when, who, and the outcome."""
+    from sync_service.ops.audit import list_actions, render
+
+    actions = _run(list_actions(_settings(), limit=limit))
+    if as_json:
+        _print_json([action.as_json() for action in actions])
+    else:
+        typer.echo(render(actions))
+
+
 @dlq_app.command("list")
 def dlq_list(
     as_json: JsonFlag = False,

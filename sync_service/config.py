@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     relay_position_topic: str = "sync.relay-position"
     relay_prune_every_s: float = Field(default=5.0, gt=0)
 
+    # Operators' commands: who is recorded in `operator_actions` (default: the OS user).
+    operator: str | None = Field(default=None, min_length=1, max_length=200)
+
     # Health and metrics.
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "INFO"

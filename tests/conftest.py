@@ -101,7 +101,7 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         await connection.execute(
             text(
                 "TRUNCATE users, orders, outbox, pending_changes, dead_letters,"
-                " consumer_offsets RESTART IDENTITY CASCADE"
+                " consumer_offsets, operator_actions RESTART IDENTITY CASCADE"
             )
         )
     yield engine

@@ -42,6 +42,8 @@ NAMING_CONVENTION = {
 }
 
 ORDER_STATUSES = ("pending", "paid", "shipped", "cancelled", "refunded")
+SNAPSHOT_TYPES = ("user.snapshot", "order.snapshot")
+"""Outbox event types of re-sent state: they repeat the version of the row's last change."""
 
 
 class Base(DeclarativeBase):
@@ -123,6 +125,15 @@ class ConsumerOffset(Base):
     partition: Mapped[int] = mapped_column(Integer, primary_key=True)
     next_offset: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    replay_end: Mapped[int | None] = mapped_column(BigInteger)
+    """A bounded replay under way: the first offset after its range. The batch that reaches
+    it stores `resume_offset` instead, in the same transaction, and the consumer seeks."""
+    resume_offset: Mapped[int | None] = mapped_column(BigInteger)
+    """Where the consumer was before the bounded replay, so where it goes on from."""
+
+    __table_args__ = (
+        CheckConstraint("(replay_end IS NULL) = (resume_offset IS NULL)", name="replay_plan_whole"),
+    )
 
 
 class PendingChange(Base):
@@ -217,5 +228,28 @@ class OutboxEvent(Base):
     __table_args__ = (
         Index(None, "txid", "id"),
         # One row per applied change: a second one would be a double apply, and fails.
-        UniqueConstraint("aggregate_type", "aggregate_id", "version"),
+        # Snapshots (`sync-service republish`) repeat a version on purpose.
+        Index(
+            "uq_outbox_aggregate_type_aggregate_id_version",
+            "aggregate_type",
+            "aggregate_id",
+            "version",
+            unique=True,
+            postgresql_where=text(f"event_type NOT IN {SNAPSHOT_TYPES!r}"),
+        ),
     )
+
+
+class OperatorAction(Base):
+    """One operator action that changed something, written in the transaction of its effect
+    (a failure after the start is written on its own, with `ok` false)."""
+
+    __tablename__ = "operator_actions"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    operator: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(String(32))
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    ok: Mapped[bool]
+    outcome: Mapped[str] = mapped_column(Text)

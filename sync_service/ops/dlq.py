@@ -13,7 +13,6 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -33,6 +32,7 @@ from sync_service.config import Settings
 from sync_service.db.models import ConsumerOffset, DeadLetterRow
 from sync_service.errors import UserError
 from sync_service.events.change import Change, Entity
+from sync_service.ops import audit
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.write import BatchWriter, Fenced
@@ -44,6 +44,7 @@ _LETTERS = cast(Table, DeadLetterRow.__table__)
 _ATTEMPTS = 5
 _PREVIEW_CHARS = 200
 REDRIVE_CHUNK = 500
+REDRIVE_ACTION = "dlq redrive"
 """Letters per re-drive transaction: memory and lock time stay bounded whatever the
 store holds."""
 T = TypeVar("T")
@@ -198,40 +199,40 @@ async def redrive(
 ) -> str:
     """Decode the selected dead letters that no re-drive applied yet (default: all) again;
     apply the valid ones and mark every one with the outcome, `chunk` letters per
-    transaction, oldest first. Returns one line of counts."""
+    transaction, oldest first. Returns one line of counts, which is also the outcome of
+    the action's row in `operator_actions` (written with the first chunk, amended with
+    each next one, in that chunk's transaction)."""
     selection = Selection(ids=ids, kind=kind, reason_contains=reason_contains)
+    run = _Run(settings, selection, chunk)
     engine = await connect(settings)
-    totals = _Totals()
     try:
         async with engine.connect() as connection:
             await check_selection(connection, selection)
-        after = 0
-        while True:
-            done = await _with_retries(
-                settings,
-                engine,
-                partial(
-                    _redrive_chunk, settings=settings, selection=selection, after=after, chunk=chunk
-                ),
+
+        async def failed(outcome: str) -> None:
+            if run.action_id is not None:  # earlier chunks committed, and stay
+                outcome = f"{run.summary()}; then {outcome}"
+            await audit.record_failure(
+                engine, settings, REDRIVE_ACTION, run.arguments, outcome, run.action_id
             )
-            if done is None:
-                break
-            after = done.last_id
-            totals.add(done)
+
+        while await _with_retries(settings, engine, run.next_chunk, failed) is not None:
+            pass
     finally:
         await engine.dispose()
-    skipped = len(set(ids)) - totals.letters if ids is not None else 0
-    return totals.summary(skipped=skipped)
+    return run.summary()
 
 
 async def _with_retries(
     settings: Settings,
     engine: AsyncEngine,
     attempt_on: Callable[[AsyncConnection], Awaitable[T]],
+    failed: Callable[[str], Awaitable[None]],
 ) -> T:
     """`attempt_on` a connection of its own; retried when it rolled back for a reason
     that is not its own (a consumer wrote the same partitions or rows meanwhile, or the
-    database blinked): the attempt rolled back whole, so another one starts clean."""
+    database blinked): the attempt rolled back whole, so another one starts clean. When
+    it fails for good, `failed` hears how, before the error is raised."""
     backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
     attempt = 1
     while True:
@@ -239,12 +240,13 @@ async def _with_retries(
             async with engine.connect() as connection:
                 return await attempt_on(connection)
         except Exception as error:
-            if not (isinstance(error, Fenced) or is_transient(error)):
-                raise
-            if attempt == _ATTEMPTS:
-                raise UserError(
-                    f"re-drive rolled back after {attempt} attempts: {describe(error)}"
-                ) from None
+            again = isinstance(error, Fenced) or is_transient(error)
+            if not again or attempt == _ATTEMPTS:
+                outcome = f"rolled back after {attempt} attempts: {describe(error)}"
+                await failed(outcome)
+                if not again:
+                    raise
+                raise UserError(f"re-drive {outcome}") from None
         attempt += 1
         await asyncio.sleep(backoff.next_delay())
 
@@ -267,12 +269,14 @@ class _Totals:
     waiting: int = 0
     chunks: int = 0
 
-    def add(self, done: _Outcomes) -> None:
-        self.applied += len(done.applied)
-        self.rejected += len(done.rejected)
-        self.letters += len(done.applied) + len(done.rejected)
-        self.waiting += done.waiting
-        self.chunks += 1
+    def plus(self, done: _Outcomes) -> _Totals:
+        return _Totals(
+            letters=self.letters + len(done.applied) + len(done.rejected),
+            applied=self.applied + len(done.applied),
+            rejected=self.rejected + len(done.rejected),
+            waiting=self.waiting + done.waiting,
+            chunks=self.chunks + 1,
+        )
 
     def summary(self, *, skipped: int) -> str:
         if not self.letters:
@@ -291,43 +295,72 @@ class _Totals:
         return line
 
 
-async def _redrive_chunk(
-    connection: AsyncConnection, *, settings: Settings, selection: Selection, after: int, chunk: int
-) -> _Outcomes | None:
-    """One attempt at the next `chunk` letters after id `after`, in one transaction on
-    `connection`; None when none is left."""
-    async with connection.begin():
-        query = (
-            select(_LETTERS)
-            .where(_LETTERS.c.redriven_at.is_(None), _LETTERS.c.id > after)
-            .where(*selection.conditions())
-            .order_by(_LETTERS.c.id)
-            .limit(chunk)
-        )
-        # Locked, so two re-drives at once take turns and the second skips what is applied.
-        letters = await _views(connection, query.with_for_update())
-        if not letters:
-            return None
-        outcomes = _decode_again(settings, letters)
-        outcomes.last_id = letters[-1].id
-        if outcomes.changes:
-            outcomes.waiting = await _apply(connection, settings, outcomes.changes)
-        if outcomes.applied:
-            await connection.execute(
-                update(_LETTERS)
-                .where(_LETTERS.c.id.in_(outcomes.applied))
-                .values(redriven_at=func.now(), redrive_result=APPLIED)
+class _Run:
+    """One re-drive, chunk by chunk: where it is, what committed, and its audit row."""
+
+    def __init__(self, settings: Settings, selection: Selection, chunk: int) -> None:
+        self.settings = settings
+        self.selection = selection
+        self.chunk = chunk
+        self.after = 0
+        self.totals = _Totals()
+        self.action_id: int | None = None
+        self.arguments = {
+            "ids": selection.ids,
+            "kind": selection.kind,
+            "reason_contains": selection.reason_contains,
+        }
+
+    def summary(self, totals: _Totals | None = None) -> str:
+        totals = totals or self.totals
+        ids = self.selection.ids
+        skipped = len(set(ids)) - totals.letters if ids is not None else 0
+        return totals.summary(skipped=skipped)
+
+    async def next_chunk(self, connection: AsyncConnection) -> _Outcomes | None:
+        """One attempt at the next `chunk` letters, in one transaction on `connection`
+        (its audit row too); None when none is left. Advances only once committed."""
+        async with connection.begin():
+            query = (
+                select(_LETTERS)
+                .where(_LETTERS.c.redriven_at.is_(None), _LETTERS.c.id > self.after)
+                .where(*self.selection.conditions())
+                .order_by(_LETTERS.c.id)
+                .limit(self.chunk)
             )
-        if outcomes.rejected:
-            # `redriven_at` stays empty: the letter still waits for an operator (and the
-            # figures count it), now with the reason of its last re-drive.
-            await connection.execute(
-                update(_LETTERS)
-                .where(_LETTERS.c.id == bindparam("letter_id"))
-                .values(redrive_result=bindparam("result")),
-                [{"letter_id": i, "result": r} for i, r in outcomes.rejected.items()],
-            )
-    return outcomes
+            # Locked, so two re-drives at once take turns; the second skips what is applied.
+            letters = await _views(connection, query.with_for_update())
+            if not letters:
+                return None
+            outcomes = _decode_again(self.settings, letters)
+            outcomes.last_id = letters[-1].id
+            if outcomes.changes:
+                outcomes.waiting = await _apply(connection, self.settings, outcomes.changes)
+            if outcomes.applied:
+                await connection.execute(
+                    update(_LETTERS)
+                    .where(_LETTERS.c.id.in_(outcomes.applied))
+                    .values(redriven_at=func.now(), redrive_result=APPLIED)
+                )
+            if outcomes.rejected:
+                # `redriven_at` stays empty: the letter still waits for an operator (and
+                # the figures count it), now with the reason of its last re-drive.
+                await connection.execute(
+                    update(_LETTERS)
+                    .where(_LETTERS.c.id == bindparam("letter_id"))
+                    .values(redrive_result=bindparam("result")),
+                    [{"letter_id": i, "result": r} for i, r in outcomes.rejected.items()],
+                )
+            totals = self.totals.plus(outcomes)
+            action_id = self.action_id
+            if action_id is None:
+                action_id = await audit.record(
+                    connection, self.settings, REDRIVE_ACTION, self.arguments, self.summary(totals)
+                )
+            else:
+                await audit.amend(connection, action_id, self.summary(totals))
+        self.totals, self.action_id, self.after = totals, action_id, outcomes.last_id
+        return outcomes
 
 
 async def _require_known(connection: AsyncConnection, ids: list[int]) -> None:

@@ -15,11 +15,14 @@ from sqlalchemy import Table, delete, func, select
 from sync_service.config import Settings
 from sync_service.db.models import DeadLetterRow
 from sync_service.errors import UserError
+from sync_service.ops import audit
 from sync_service.ops.dlq import Selection, check_selection
+from sync_service.retry import describe
 from sync_service.service import connect
 
 _LETTERS: Table = DeadLetterRow.__table__  # type: ignore[assignment]
 PURGE_CHUNK = 5_000
+PURGE_ACTION = "dlq purge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,13 @@ async def purge(
     require_selection(selection)
     engine = await connect(settings)
     deleted = transactions = 0
+    action_id: int | None = None
+    arguments = {
+        "ids": selection.ids,
+        "kind": selection.kind,
+        "before": selection.before.isoformat() if selection.before else None,
+        "up_to_id": shown.up_to_id,
+    }
     try:
         while True:
             async with engine.begin() as connection:
@@ -81,12 +91,31 @@ async def purge(
                     delete(_LETTERS).where(_LETTERS.c.id.in_(doomed.scalar_subquery()))
                 )
                 count = gone.rowcount
-            if not count:
-                break
+                if not count:
+                    break
+                line = _summary(selection, deleted + count, transactions + 1)
+                # The action's row commits with its first chunk and says, after each
+                # chunk, what has been deleted for good.
+                if action_id is None:
+                    action_id = await audit.record(
+                        connection, settings, PURGE_ACTION, arguments, line
+                    )
+                else:
+                    await audit.amend(connection, action_id, line)
             deleted += count
             transactions += 1
+    except Exception as error:
+        done = _summary(selection, deleted, transactions) + "; then " if deleted else ""
+        await audit.record_failure(
+            engine, settings, PURGE_ACTION, arguments, f"{done}failed: {describe(error)}", action_id
+        )
+        raise
     finally:
         await engine.dispose()
+    return _summary(selection, deleted, transactions)
+
+
+def _summary(selection: Selection, deleted: int, transactions: int) -> str:
     line = f"purged {deleted} dead letter{'s' if deleted != 1 else ''} ({selection.describe()})"
     if transactions > 1:
         line += f" in {transactions} transactions"

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sync_service.config import Settings
 from sync_service.db.models import ConsumerOffset
 from sync_service.errors import UserError
+from sync_service.ops import audit
 from sync_service.ops.offsets import Bounds, offset_reader, partition_bounds, partition_counts
 from sync_service.service import connect
 
@@ -54,14 +55,15 @@ async def replay(
                 f"offset {target} is outside {topic}[{partition}]: it can be replayed from "
                 f"offset {bounds.beginning} to {bounds.end} (the end)"
             )
-        before = await _store_position(engine, settings.group_id, topic, partition, target)
+        arguments = {
+            "topic": topic,
+            "partition": partition,
+            "from_offset": from_offset,
+            "from_time": from_time.isoformat() if from_time else None,
+        }
+        return await _store_position(engine, settings, topic, partition, target, arguments)
     finally:
         await engine.dispose()
-    was = "none" if before is None else str(before)
-    return (
-        f"{topic}[{partition}]: position {was} -> {target}; "
-        "a running consumer picks this up on its next batch"
-    )
 
 
 async def _offset_at(
@@ -78,11 +80,17 @@ async def _offset_at(
 
 
 async def _store_position(
-    engine: AsyncEngine, group_id: str, topic: str, partition: int, next_offset: int
-) -> int | None:
-    """Set the stored next offset; returns the one it replaces (None if none was stored).
-    The row lock orders this with a consumer's write: whichever commits second sees the
-    other's position (the consumer is then fenced and re-reads)."""
+    engine: AsyncEngine,
+    settings: Settings,
+    topic: str,
+    partition: int,
+    next_offset: int,
+    arguments: dict[str, object],
+) -> str:
+    """Set the stored next offset and record the action, in one transaction; returns the
+    line that says what moved. The row lock orders this with a consumer's write: whichever
+    commits second sees the other's position (the consumer is then fenced and re-reads)."""
+    group_id = settings.group_id
     key = (ConsumerOffset.group_id == group_id, ConsumerOffset.topic == topic,
            ConsumerOffset.partition == partition)  # fmt: skip
     async with engine.begin() as connection:
@@ -100,4 +108,10 @@ async def _store_position(
                 set_={"next_offset": stmt.excluded.next_offset, "updated_at": func.now()},
             )
         )
-    return before
+        was = "none" if before is None else str(before)
+        line = (
+            f"{topic}[{partition}]: position {was} -> {next_offset}; "
+            "a running consumer picks this up on its next batch"
+        )
+        await audit.record(connection, settings, "replay", arguments, line)
+    return line

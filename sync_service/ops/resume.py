@@ -14,6 +14,7 @@ from sqlalchemy import Table, func, select, update
 from sync_service.config import Settings
 from sync_service.db.models import ConsumerOffset, PartitionGuard
 from sync_service.errors import UserError
+from sync_service.ops import audit
 from sync_service.service import connect
 
 _GUARDS: Table = PartitionGuard.__table__  # type: ignore[assignment]
@@ -51,9 +52,12 @@ async def resume(settings: Settings, topic: str, partition: int) -> str:
                 .where(*mine, _GUARDS.c.topic == topic, _GUARDS.c.partition == partition)
                 .values(paused_at=None, resumed_at=func.now(), window_from=position or 0)
             )
+            line = (
+                f"resumed {topic}[{partition}] at offset {position or 0}: the dead-letter "
+                "guard counts from there; a running consumer reads on within seconds"
+            )
+            arguments = {"topic": topic, "partition": partition}
+            await audit.record(connection, settings, "dlq resume", arguments, line)
     finally:
         await engine.dispose()
-    return (
-        f"resumed {topic}[{partition}] at offset {position or 0}: the dead-letter guard "
-        "counts from there; a running consumer reads on within seconds"
-    )
+    return line

@@ -69,8 +69,7 @@ def render_letter(letter: DeadLetterView) -> str:
     """Every stored field, labelled; the value last, whole."""
     lines = [
         f"dead letter #{letter.id}",
-        f"origin:    {letter.topic}[{letter.partition}]@{letter.offset}"
-        "  (topic[partition]@offset)",
+        f"origin:    {letter.topic}[{letter.partition}]@{letter.offset}  (topic[partition]@offset)",
         f"kind:      {letter.kind}",
         f"reason:    {escaped(letter.reason)}",
         f"stored:    {letter.created_at.isoformat()}",

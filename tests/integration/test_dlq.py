@@ -28,6 +28,7 @@ from tests.integration.test_cli import EXECUTABLE, Outcome, cli
 from tests.integration.test_health import _free_port
 from tests.integration.test_ops import add_dead_letter
 
+ACTIONS = "SELECT action, arguments, ok, outcome FROM operator_actions ORDER BY id"
 Record = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]  # key, value, headers
 
 
@@ -178,6 +179,13 @@ async def test_redrive_by_kind_and_by_reason_in_chunks(
     assert typo.failed_with_one_line() == (
         "sync-service: no dead letter of kind 'not-json' (kinds stored: invalid, not_json)"
     )
+    # One row per re-drive that changed something, its outcome what the operator saw.
+    assert await rows(engine, ACTIONS) == [
+        ("dlq redrive", {"ids": None, "kind": "not_json", "reason_contains": None}, True,
+         by_kind),
+        ("dlq redrive", {"ids": None, "kind": None, "reason_contains": "rejected earl"}, True,
+         by_reason.stdout.strip()),
+    ]  # fmt: skip
 
 
 async def test_redrive_of_a_large_store_goes_in_bounded_chunks(
@@ -202,6 +210,9 @@ async def test_redrive_of_a_large_store_goes_in_bounded_chunks(
     assert await count(engine, "SELECT count(*) FROM users") == 1200
     assert await count(engine, "SELECT count(*) FROM outbox") == 1200
     assert await count(engine, "SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL") == 0
+    assert await rows(engine, "SELECT action, outcome FROM operator_actions") == [
+        ("dlq redrive", said)
+    ]
 
 
 async def test_purge_asks_refuses_and_deletes_only_what_was_selected(
@@ -257,6 +268,14 @@ async def test_purge_asks_refuses_and_deletes_only_what_was_selected(
     assert await count(engine, total) == 2
     none_left = await cli(settings, "dlq", "purge", "--before", "2000-01-01", "--yes")
     assert none_left.stdout == "no dead letters to purge (stored before 2000-01-01T00:00:00)\n"
+    # Only the three purges that deleted something are recorded, with what they deleted.
+    actions = await rows(engine, ACTIONS)
+    assert [(a, args["ids"], args["kind"], ok, outcome) for a, args, ok, outcome in actions] == [
+        ("dlq purge", [ids[0]], None, True, f"purged 1 dead letter (id {ids[0]})"),
+        ("dlq purge", None, None, True, before.stdout.strip()),
+        ("dlq purge", None, "empty", True, "purged 2 dead letters (of kind empty)"),
+    ]
+    assert actions[1][1]["before"] is not None
 
 
 async def test_purge_keeps_a_letter_stored_after_the_count(
@@ -275,6 +294,22 @@ async def test_purge_keeps_a_letter_stored_after_the_count(
         "purged 1 dead letter (of kind invalid)"
     )
     assert await rows(engine, "SELECT id FROM dead_letters") == [(later,)]
+
+
+async def test_a_purge_in_chunks_records_what_each_chunk_deleted(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    from sync_service.ops.dlq import Selection
+    from sync_service.ops.purge import preview, purge
+
+    for offset in range(5):
+        await add_dead_letter(engine, settings.users_topic, offset, b"1", b"{")
+    selection = Selection(kind="invalid")
+    said = await purge(settings, selection, await preview(settings, selection), chunk=2)
+    assert said == "purged 5 dead letters (of kind invalid) in 3 transactions"
+    assert await count(engine, "SELECT count(*) FROM dead_letters") == 0
+    [(action, arguments, ok, outcome)] = await rows(engine, ACTIONS)
+    assert (action, arguments["kind"], ok, outcome) == ("dlq purge", "invalid", True, said)
 
 
 def guarded_settings(settings: Settings) -> Settings:
@@ -381,6 +416,10 @@ async def test_the_guard_pauses_a_broken_partition_until_it_is_resumed(
     again = await cli(settings, "dlq", "resume", "--topic", settings.users_topic,
                       "--partition", "0")  # fmt: skip
     assert again.failed_with_one_line().endswith("(paused: none is)")
+    assert await rows(engine, ACTIONS) == [
+        ("dlq resume", {"topic": settings.users_topic, "partition": 0}, True,
+         resumed.stdout.strip()),
+    ]  # fmt: skip
 
 
 async def test_the_guard_lets_a_healthy_stream_with_a_few_bad_messages_through(
