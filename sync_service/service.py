@@ -81,6 +81,7 @@ async def serve(
                     settings.group_id,
                     settings.pending_load_limit,
                     DeadLetterGuard(settings.group_id, settings.dlq_window, settings.dlq_max_ratio),
+                    publish_dead_letters=settings.dlq_topic is not None,
                 ),
             )
             if consume

@@ -47,7 +47,9 @@ from sync_service.db.models import (
     User,
 )
 from sync_service.db.statements import as_arrays, copy_rows, upsert_rows
-from sync_service.events.change import Change, Entity, Source
+from sync_service.events.change import Change, DeadLetter, Entity, Source
+from sync_service.events.dead_letter import DEAD_LETTER, outbox_payload
+from sync_service.events.dead_letter import event_id as dead_letter_event_id
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope, envelope_document
@@ -195,11 +197,15 @@ class BatchWriter:
         group_id: str,
         pending_load_limit: int,
         guard: DeadLetterGuard | None = None,
+        *,
+        publish_dead_letters: bool = False,
     ) -> None:
         self._sessions = sessions
         self._group_id = group_id
         self._pending_limit = pending_load_limit
         self._guard = guard
+        self._publish_dead_letters = publish_dead_letters
+        """Write an outbox row per new dead letter (`SYNC_DLQ_TOPIC` is set)."""
         self._waiting: dict[PendingKey, Change] = {}
 
     async def paused(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, Trip]:
@@ -337,24 +343,41 @@ class BatchWriter:
                 [_pending_row(waiting) for waiting in todo.wait],
             )
         if batch.dead:
-            await session.execute(
-                insert(DeadLetterRow).on_conflict_do_nothing(),
-                [
-                    {
-                        "topic": d.source.topic,
-                        "partition": d.source.partition,
-                        "offset": d.source.offset,
-                        "key": d.key,
-                        "value": d.value,
-                        "value_size": d.value_size,
-                        "kind": d.kind,
-                        "reason": d.reason,
-                        "headers": _headers_document(d.headers),
-                    }
-                    for d in batch.dead
-                ],
-            )
+            await self._store_dead_letters(session, batch.dead, txid)
         return result
+
+    async def _store_dead_letters(
+        self, session: AsyncSession, dead: Sequence[DeadLetter], txid: int
+    ) -> None:
+        """Insert the letters not stored yet (a replay re-reads some); with
+        `SYNC_DLQ_TOPIC`, each new one also gets an outbox row for the relay to publish."""
+        rows = [
+            {
+                "topic": d.source.topic,
+                "partition": d.source.partition,
+                "offset": d.source.offset,
+                "key": d.key,
+                "value": d.value,
+                "value_size": d.value_size,
+                "kind": d.kind,
+                "reason": d.reason,
+                "headers": _headers_document(d.headers),
+            }
+            for d in dead
+        ]
+        stmt = insert(DeadLetterRow).on_conflict_do_nothing()
+        if not self._publish_dead_letters:
+            await session.execute(stmt, rows)
+            return
+        stored = await session.execute(
+            stmt.returning(DeadLetterRow.topic, DeadLetterRow.partition, DeadLetterRow.offset),
+            rows,
+        )
+        new = {tuple(row) for row in stored}
+        outbox = [_dead_letter_outbox_row(d, txid) for d in dead if tuple(d.source) in new]
+        if outbox:
+            await copy_rows(session, _OUTBOX, _OUTBOX_COLUMNS, outbox)  # type: ignore[arg-type]
+            await session.execute(_NOTIFY)
 
     async def _store_positions(
         self, session: AsyncSession, next_offsets: Mapping[TopicPartition, int]
@@ -437,6 +460,21 @@ def _outbox_row(change: Change, row: Row, txid: int) -> _OutboxRow:
         event_id,
         change.version,
         payload,
+    )
+
+
+def _dead_letter_outbox_row(letter: DeadLetter, txid: int) -> _OutboxRow:
+    """A dead letter's outbox row, in `_OUTBOX_COLUMNS` order: one per record (its
+    origin is its aggregate id, its offset the version)."""
+    topic, partition, offset = letter.source
+    return (
+        txid,
+        DEAD_LETTER,
+        f"{topic}/{partition}/{offset}",
+        DEAD_LETTER,
+        str(dead_letter_event_id(topic, partition, offset)),
+        offset,
+        outbox_payload(letter),
     )
 
 

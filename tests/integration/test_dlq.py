@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -445,3 +445,84 @@ async def _at(engine: AsyncEngine, settings: Settings, wanted: dict[int, int]) -
         if stored is None or stored < offset:
             return False
     return True
+
+
+async def read_topic(settings: Settings, topic: str, count: int) -> list[Any]:
+    """Every committed record of `topic` once `count` are there (and a moment more, so
+    that a duplicate would be seen)."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    found: list[Any] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        settle = None
+        while asyncio.get_running_loop().time() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                found.extend(records)
+            if len(found) >= count:
+                settle = settle or asyncio.get_running_loop().time() + 3
+                if asyncio.get_running_loop().time() > settle:
+                    break
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def test_dead_letters_are_published_once_to_the_dlq_topic(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """With SYNC_DLQ_TOPIC, each dead letter goes to that topic through the outbox and
+    the relay: its original key, value and headers, the reason and origin in `dlq.*`
+    headers; a replay that reads the bad records again publishes nothing twice."""
+    from sync_service.kafka import ensure_topics
+    from sync_service.relay.publish import relay_part
+
+    settings = settings.model_copy(update={"dlq_topic": f"{settings.users_topic}.dlq"})
+    assert settings.dlq_topic is not None
+    await create_topics(settings, partitions=1)
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        {settings.out_users_topic: 1, settings.out_orders_topic: 1, settings.dlq_topic: 1},
+    )
+    keyless = encode(user_event(8, 1))
+    bad = [
+        (b"7", b"\x00\xffnot json", [("trace-id", b"t-1")]),
+        (None, keyless, []),  # no key
+        *good([9]),
+    ]
+    await produce_to(settings, 0, bad)
+    async with running(settings, relay=relay_part):
+        published = await read_topic(settings, settings.dlq_topic, 2)
+        # Read again: the stored letters are kept, and no second copy is published.
+        await cli(settings, "replay", "--topic", settings.users_topic, "--partition", "0",
+                  "--from-offset", "0")  # fmt: skip
+        await asyncio.sleep(3)
+        again = await read_topic(settings, settings.dlq_topic, 2)
+        downstream = await read_topic(settings, settings.out_users_topic, 1)
+    assert len(published) == 2
+    assert [(r.key, r.value) for r in again] == [(r.key, r.value) for r in published]
+    first, second = published
+    assert (first.key, first.value) == (b"7", b"\x00\xffnot json")
+    headers = dict(first.headers)
+    assert first.headers[0] == ("trace-id", b"t-1")
+    assert {k: v for k, v in headers.items() if k.startswith("dlq.")} == {
+        "dlq.topic": settings.users_topic.encode(),
+        "dlq.partition": b"0",
+        "dlq.offset": b"0",
+        "dlq.kind": b"not_json",
+        "dlq.reason": headers["dlq.reason"],
+        "dlq.value_size": b"10",
+    }
+    assert headers["dlq.reason"].startswith(b"not UTF-8 JSON")
+    assert headers["event_type"] == b"dead_letter"
+    assert (second.key, second.value) == (None, keyless)
+    assert dict(second.headers)["dlq.kind"] == b"bad_key"
+    assert [r.key for r in downstream] == [b"9"]  # the valid change, as always
+    assert await count(engine, "SELECT count(*) FROM dead_letters") == 2
