@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Coroutine
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -136,25 +137,86 @@ def offsets(as_json: JsonFlag = False) -> None:
         typer.echo(report.render())
 
 
+TimeOption = typer.Option(
+    formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d"],
+    help="RFC 3339 (a time without a zone is UTC).",
+)
+
+
 @app.command()
 def replay(
-    topic: Annotated[str, typer.Option(help="The topic to rewind.")],
-    partition: Annotated[int, typer.Option(help="The partition to rewind.", min=0)],
+    topic: Annotated[str, typer.Option(help="The inbound topic to replay.")],
+    partition: Annotated[
+        list[int] | None, typer.Option(help="A partition to replay (repeat for more).", min=0)
+    ] = None,
+    all_partitions: Annotated[bool, typer.Option(help="Every partition of the topic.")] = False,
     from_offset: Annotated[int | None, typer.Option(help="Replay from this offset.", min=0)] = None,
-    from_time: Annotated[
+    from_time: Annotated[datetime | None, TimeOption] = None,
+    to_offset: Annotated[
+        int | None,
+        typer.Option(help="Stop before this offset, then go on from where it was.", min=0),
+    ] = None,
+    to_time: Annotated[datetime | None, TimeOption] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Read the range and say what would change; write nothing.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Re-read a range of a topic's partitions; replayed events re-apply safely (stale
+    ones change nothing). With --to-*, the consumer then goes on from where it was."""
+    from sync_service.ops.dryrun import dry_run as do_dry_run
+    from sync_service.ops.replay import ReplayRequest, replay_range
+
+    if partition and all_partitions:
+        _fail("give --partition or --all-partitions, not both", 2)
+    if not partition and not all_partitions:
+        _fail("give --partition P (one or more) or --all-partitions", 2)
+    request = ReplayRequest(
+        topic, None if all_partitions else partition, from_offset, from_time, to_offset, to_time
+    )
+    settings = _settings()
+    if dry_run:
+        report = _run(do_dry_run(settings, request))
+        if as_json:
+            _print_json(report.as_json())
+        else:
+            typer.echo(report.render())
+        return
+    done = _run(replay_range(settings, request))
+    if as_json:
+        _print_json({"topic": topic, "partitions": done})
+    else:
+        typer.echo("\n".join(d["line"] for d in done))
+
+
+class EntityChoice(StrEnum):
+    user = "user"
+    order = "order"
+
+
+@app.command()
+def republish(
+    entity: Annotated[EntityChoice, typer.Option(help="Which rows: users or orders.")],
+    id_: Annotated[
+        list[int] | None, typer.Option("--id", help="A row to re-send (repeat for more).", min=1)
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every row, deleted ones too.")] = False,
+    since: Annotated[
         datetime | None,
         typer.Option(
-            help="Replay from the first record at or after this time (RFC 3339).",
-            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d"],
+            formats=TimeOption.formats,
+            help="Rows updated or deleted at or after this time (RFC 3339).",
         ),
     ] = None,
+    chunk: Annotated[int, typer.Option(help="Rows per transaction.", min=1)] = 1_000,
 ) -> None:
-    """Rewind a partition; replayed events re-apply safely (stale ones change nothing)."""
-    from sync_service.ops.replay import replay as do_replay
+    """Re-send the current state of rows downstream (user.snapshot / order.snapshot),
+    published exactly once by the relay, in order with live changes."""
+    from sync_service.ops.republish import Selection
+    from sync_service.ops.republish import republish as do_republish
 
-    if (from_offset is None) == (from_time is None):
-        _fail("give exactly one of --from-offset and --from-time", 2)
-    typer.echo(_run(do_replay(_settings(), topic, partition, from_offset, from_time)))
+    selection = Selection(entity.value, id_ or None, all_, since)
+    typer.echo(_run(do_republish(_settings(), selection, chunk)))
 
 
 @app.command()

@@ -6,10 +6,13 @@
   that reaches `replay_end` stores `resume_offset` instead.
 - The outbox's one-row-per-version rule becomes a partial unique index that leaves out
   snapshot rows (`sync-service republish`), which repeat the version of the row's last
-  change. The outbox holds only rows not yet published, so building it is short.
+  change: the index is built concurrently first, then the old constraint is dropped.
 
-All three are additive for the previous release: it never reads the new columns (a
-bounded replay needs this release's consumers) and never writes snapshot rows.
+The previous release lives with all of it: it never reads the new columns (a bounded
+replay needs this release's consumers), never writes snapshot rows, and both unique rules
+hold for what it writes. The CHECK constraint is validated at once, not in a later
+migration: `consumer_offsets` holds one row per partition, its new columns are empty, and
+adding them takes the same brief lock.
 
 Revision ID: 0003_operator_actions
 Revises: 0002
@@ -29,8 +32,10 @@ down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_UNIQUE = "uq_outbox_aggregate_type_aggregate_id_version"
+_OLD_UNIQUE = "uq_outbox_aggregate_type_aggregate_id_version"
+_UNIQUE = "uq_outbox_applied_change"
 _KEY = ["aggregate_type", "aggregate_id", "version"]
+_NOT_SNAPSHOT = "event_type NOT IN ('user.snapshot', 'order.snapshot')"
 
 
 def upgrade() -> None:
@@ -54,21 +59,25 @@ def upgrade() -> None:
         "consumer_offsets",
         "(replay_end IS NULL) = (resume_offset IS NULL)",
     )
-    op.drop_constraint(_UNIQUE, "outbox", type_="unique")
-    op.create_index(
-        _UNIQUE,
-        "outbox",
-        _KEY,
-        unique=True,
-        postgresql_where=sa.text("event_type NOT IN ('user.snapshot', 'order.snapshot')"),
-    )
+    with op.get_context().autocommit_block():
+        # A concurrent build that failed (say, on the lock timeout) left an invalid index.
+        op.drop_index(_UNIQUE, table_name="outbox", postgresql_concurrently=True, if_exists=True)
+        op.create_index(
+            _UNIQUE,
+            "outbox",
+            _KEY,
+            unique=True,
+            postgresql_where=sa.text(_NOT_SNAPSHOT),
+            postgresql_concurrently=True,
+        )
+    op.drop_constraint(_OLD_UNIQUE, "outbox", type_="unique")
 
 
 def downgrade() -> None:
     # Snapshot rows not yet published would break the old rule: they go first.
     op.execute("DELETE FROM outbox WHERE event_type IN ('user.snapshot', 'order.snapshot')")
+    op.create_unique_constraint(_OLD_UNIQUE, "outbox", _KEY)
     op.drop_index(_UNIQUE, table_name="outbox")
-    op.create_unique_constraint(_UNIQUE, "outbox", _KEY)
     op.drop_constraint(
         op.f("ck_consumer_offsets_replay_plan_whole"), "consumer_offsets", type_="check"
     )

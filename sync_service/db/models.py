@@ -230,7 +230,7 @@ class OutboxEvent(Base):
         # One row per applied change: a second one would be a double apply, and fails.
         # Snapshots (`sync-service republish`) repeat a version on purpose.
         Index(
-            "uq_outbox_aggregate_type_aggregate_id_version",
+            "uq_outbox_applied_change",
             "aggregate_type",
             "aggregate_id",
             "version",

@@ -1,7 +1,9 @@
-"""Outbound events (CONTRACT section 4): what the relay publishes for each applied change.
+"""Outbound events (CONTRACT section 4): what the relay publishes for each applied change,
+and the snapshots `sync-service republish` writes (the current state of a row, re-sent).
 
-The downstream `event_id` is a UUIDv5 of the inbound one, so a change keeps its id
-however often it is replayed or re-published.
+The downstream `event_id` of a change is a UUIDv5 of the inbound one, so a change keeps
+its id however often it is replayed; a snapshot's is a UUIDv5 of the operator action that
+re-sent it and the row's key and version.
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from sync_service.events.change import Change
+from sync_service.events.change import Change, Entity
 
 EVENT_ID_NAMESPACE = uuid.UUID("8d7f0c52-3b0e-5d61-9a47-2f6c1e8b4a90")
 _NAMESPACE_SHA1 = hashlib.sha1(EVENT_ID_NAMESPACE.bytes)
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
-EventType = Literal["user.upserted", "user.deleted", "order.upserted", "order.deleted"]
+EventType = Literal[
+    "user.upserted",
+    "user.deleted",
+    "order.upserted",
+    "order.deleted",
+    "user.snapshot",
+    "order.snapshot",
+]
 
 
 class SourceRef(BaseModel):
@@ -45,8 +54,10 @@ class OutboundEvent(BaseModel):
     occurred_at: datetime
     data: dict[str, Any]
     """The row as stored right after the change: money as a decimal string, times in
-    RFC 3339, and `deleted_at` set on a delete."""
-    source: SourceRef
+    RFC 3339, and `deleted_at` set on a delete. A snapshot carries the row as stored when
+    it was re-sent (`deleted_at` set if the row is deleted)."""
+    source: SourceRef | None
+    """The inbound record of the change; null on a snapshot, which re-sends stored state."""
 
 
 def downstream_event_id(inbound_event_id: uuid.UUID) -> uuid.UUID:
@@ -89,4 +100,28 @@ def outbound_value(
             "offset": source.offset,
             "event_id": change.event_id,
         },
+    }
+
+
+def snapshot_event_id(action_id: int, entity: Entity, entity_id: int, version: int) -> str:
+    """The id of a snapshot re-sent by operator action `action_id`: the same row at the
+    same version re-sent by another action is another event."""
+    return str(
+        uuid.uuid5(EVENT_ID_NAMESPACE, f"snapshot:{action_id}:{entity}:{entity_id}:{version}")
+    )
+
+
+def snapshot_value(
+    entity: Entity, row: dict[str, Any], event_id: str, occurred_at: datetime
+) -> dict[str, Any]:
+    """A snapshot event as a plain dict: `row` is the stored row (with `version` and
+    `deleted_at`), `occurred_at` the time it was read."""
+    return {
+        "event_id": event_id,
+        "type": f"{entity}.snapshot",
+        "aggregate_id": str(row["id"]),
+        "version": row["version"],
+        "occurred_at": occurred_at,
+        "data": row,
+        "source": None,
     }

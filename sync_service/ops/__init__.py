@@ -1,1 +1,2 @@
-"""What operators run: positions and lag, replays, dead letters, the demo."""
+"""What operators run: positions and lag, replays and dry runs, re-sends downstream, dead
+letters, the audit trail, the demo."""

@@ -132,11 +132,16 @@ def render(actions: list[ActionView]) -> str:
         return "no operator actions recorded"
     lines = []
     for a in actions:
-        args = " ".join(f"{k}={_value(v)}" for k, v in a.arguments.items() if v not in (None, []))
+        # By name: jsonb keeps no order of its own.
+        args = " ".join(
+            f"{k}={_value(v)}" for k, v in sorted(a.arguments.items()) if v not in (None, [])
+        )
         status = "ok" if a.ok else "FAILED"
         at = a.at.isoformat(timespec="seconds")
         lines.append(f"#{a.id}  {at}  {a.operator}  {a.action} {args}".rstrip())
-        lines.append(f"    {status}: {a.outcome}")
+        first, *more = a.outcome.splitlines() or [""]
+        lines.append(f"    {status}: {first}")
+        lines.extend(f"      {line}" for line in more)  # e.g. one line per partition
     return "\n".join(lines)
 
 

@@ -44,11 +44,17 @@ class PartitionOffsets:
     position: int | None
     """The stored next offset; None until the consumer first writes this partition."""
     bounds: Bounds
+    replay: tuple[int, int] | None = None
+    """A bounded replay under way: its end, and the offset the partition then resumes at."""
 
     @property
     def lag(self) -> int:
         start = self.bounds.beginning if self.position is None else self.position
-        return max(0, self.bounds.end - max(start, self.bounds.beginning))
+        start = max(start, self.bounds.beginning)
+        if self.replay is not None:  # the rest of the range, then from where it resumes
+            end, resume = self.replay
+            return max(0, end - start) + max(0, self.bounds.end - resume)
+        return max(0, self.bounds.end - start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,11 @@ class OffsetsReport:
                     "beginning": p.bounds.beginning,
                     "end": p.bounds.end,
                     "lag": p.lag,
+                    **(
+                        {"replay_end": p.replay[0], "resume_offset": p.replay[1]}
+                        if p.replay is not None
+                        else {}
+                    ),
                 }
                 for p in self.partitions
             ],
@@ -103,6 +114,12 @@ class OffsetsReport:
                     for i, (cell, width) in enumerate(zip(row, widths, strict=True))
                 ).rstrip()
             )
+        lines += [
+            f"replay under way: {p.topic}[{p.partition}] to offset {p.replay[0]}, then on "
+            f"from {p.replay[1]}"
+            for p in self.partitions
+            if p.replay is not None
+        ]
         figures = self.backlogs
         lines += [
             f"total lag: {self.lag}",
@@ -123,12 +140,16 @@ async def read_offsets(settings: Settings) -> OffsetsReport:
             partitions = [(t, p) for t in topics for p in range(counts[t])]
             bounds = await partition_bounds(reader, partitions)
         stored = await stored_positions(engine, settings.group_id, partitions)
+        replays = await replays_under_way(engine, settings.group_id)
         figures = await backlogs(engine)
     finally:
         await engine.dispose()
     return OffsetsReport(
         settings.group_id,
-        [PartitionOffsets(t, p, stored.get((t, p)), bounds[(t, p)]) for t, p in partitions],
+        [
+            PartitionOffsets(t, p, stored.get((t, p)), bounds[(t, p)], replays.get((t, p)))
+            for t, p in partitions
+        ],
         figures,
     )
 
@@ -185,6 +206,22 @@ async def stored_positions(
             .where(tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(partitions))
         )
         return {(t, p): n for t, p, n in rows}
+
+
+async def replays_under_way(engine: AsyncEngine, group_id: str) -> dict[TP, tuple[int, int]]:
+    """The bounded replays of `group_id` not yet ended: (end, resume offset) by partition."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(ConsumerOffset.topic, ConsumerOffset.partition, ConsumerOffset.replay_end,
+                   ConsumerOffset.resume_offset)
+            .where(ConsumerOffset.group_id == group_id)
+            .where(ConsumerOffset.replay_end.is_not(None))
+        )  # fmt: skip
+        return {
+            (t, p): (end, resume)
+            for t, p, end, resume in rows
+            if end is not None and resume is not None
+        }
 
 
 def _or_dash(value: int | None) -> str:

@@ -228,6 +228,10 @@ class ChangeConsumer:
         for tp, next_offset in result.next_offsets.items():
             if tp in self._expected:
                 self._expected[tp] = next_offset
+        if result.resumed:  # a bounded replay ended: back to where the partition was
+            log.info("replay ended; resuming %s", ", ".join(
+                f"{t}[{p}] at {n}" for (t, p), n in sorted(result.resumed.items())))  # fmt: skip
+            self._seek({tp: n for tp, n in result.resumed.items() if tp in self._expected})
         for trip in result.tripped:
             metrics.GUARD_TRIPS.labels(trip.topic).inc()
             log.error("%s", trip.describe())
@@ -363,18 +367,25 @@ class ChangeConsumer:
         positions = await retrying(
             "read positions", lambda: self._writer.positions(partitions), self._backoff
         )
-        self._builder.drop(set(partitions))
-        self._aligner.drop(partitions)
+        fresh = self._seek({tp: positions.get(tp) for tp in partitions})
+        if fresh:
+            await consumer.seek_to_beginning(*fresh)
+
+    def _seek(self, positions: dict[TP, int | None]) -> list[TopicPartition]:
+        """Forget what is buffered for these partitions and seek each to its position;
+        returns those without one (the caller seeks them to the beginning)."""
+        consumer = self._consumer
+        assert consumer is not None
+        self._builder.drop(set(positions))
+        self._aligner.drop(list(positions))
         fresh = []
-        for tp in partitions:
-            position = positions.get(tp)
+        for tp, position in positions.items():
             self._expected[tp] = position
             if position is None:
                 fresh.append(TopicPartition(*tp))
             else:
                 consumer.seek(TopicPartition(*tp), position)
-        if fresh:
-            await consumer.seek_to_beginning(*fresh)
+        return fresh
 
     async def _shutdown(self, consumer: AIOKafkaConsumer) -> None:
         """Finish or roll back the batch in flight, write what is buffered, leave the group."""

@@ -5,6 +5,11 @@ Fencing: the positions of every partition this consumer owns are locked and comp
 with what it expects first; if another consumer moved one, `Fenced` is raised and
 nothing is written, so a consumer that lost its partitions cannot write behind the new
 owner.
+
+A bounded replay (`replay_end`, `resume_offset` beside a position) ends in the batch
+that reaches `replay_end`: its records from there on are left out, the position becomes
+`resume_offset` and the plan is cleared, all in the batch's transaction; the consumer
+then seeks there (`WriteResult.resumed`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from sqlalchemy import (
     true,
     tuple_,
     union_all,
+    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -118,7 +124,14 @@ _TXID = cast(cast(func.pg_current_xact_id(), Text), BigInteger)
 """This transaction's id, as the outbox's `txid` default computes it (once, not per row:
 the default's casts cost PostgreSQL ~1.5 us per outbox row)."""
 _FENCE = (
-    select(ConsumerOffset.topic, ConsumerOffset.partition, ConsumerOffset.next_offset, _TXID)
+    select(
+        ConsumerOffset.topic,
+        ConsumerOffset.partition,
+        ConsumerOffset.next_offset,
+        _TXID,
+        ConsumerOffset.replay_end,
+        ConsumerOffset.resume_offset,
+    )
     .where(ConsumerOffset.group_id == bindparam("group_id"))
     .where(
         tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(
@@ -184,6 +197,8 @@ class WriteResult:
     dead: int = 0
     outbox: int = 0
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+    resumed: dict[TopicPartition, int] = field(default_factory=dict)
+    """Partitions whose bounded replay this batch ended: the consumer seeks to these."""
     tripped: list[Trip] = field(default_factory=list)
     """Partitions this batch made the dead-letter guard pause (stored with it)."""
 
@@ -233,34 +248,41 @@ class BatchWriter:
             # First, always: locking the positions gives this transaction its id, so two
             # batches that write the same aggregate get ids in commit order, which is the
             # order the relay publishes in.
-            txid = await self._fence(session, expected)
+            txid, replays = await self._fence(session, expected)
+            batch, resumed = _bound(batch, replays)
             pending = await self._load_pending(session, batch, list(expected))
-            stored = await _load_stored(session, [*pending, *batch.changes])
+            stored = await load_stored(session, [*pending, *batch.changes])
             result_plan = plan(batch.changes, pending, stored)
             result = await self._apply(session, batch, result_plan, txid)
             if self._guard is not None and batch.dead:
                 result.tripped = await self._guard.check(session, batch)
-            await self._store_positions(session, batch.next_offsets)
+            await self._store_positions(session, batch.next_offsets, resumed)
         result.next_offsets = dict(batch.next_offsets)
+        result.resumed = resumed
         return result
 
     async def _fence(
         self, session: AsyncSession, expected: Mapping[TopicPartition, int | None]
-    ) -> int:
+    ) -> tuple[int, dict[TopicPartition, tuple[int, int]]]:
         """Check that the stored positions are still `expected`, locking them; returns the
-        transaction's id."""
+        transaction's id and the bounded replays under way (replay end, resume offset)."""
         rows = (
             await session.execute(
                 _FENCE, {"group_id": self._group_id, "partitions": list(expected)}
             )
         ).all()
-        stored = {(t, p): n for t, p, n, _ in rows}
+        stored = {(t, p): n for t, p, n, *_ in rows}
         for tp, position in expected.items():
             if stored.get(tp) != position:
                 raise Fenced(f"{tp[0]}[{tp[1]}] is at {stored.get(tp)}, expected {position}")
+        replays = {
+            (t, p): (end, resume)
+            for t, p, _, _, end, resume in rows
+            if end is not None and resume is not None
+        }
         if not rows:  # no position stored yet (or none expected)
-            return int(await session.scalar(select(_TXID)))  # type: ignore[arg-type]
-        return int(rows[0][3])
+            return int(await session.scalar(select(_TXID))), replays  # type: ignore[arg-type]
+        return int(rows[0][3]), replays
 
     async def _load_pending(
         self, session: AsyncSession, batch: Batch, partitions: list[TopicPartition]
@@ -380,7 +402,10 @@ class BatchWriter:
             await session.execute(_NOTIFY)
 
     async def _store_positions(
-        self, session: AsyncSession, next_offsets: Mapping[TopicPartition, int]
+        self,
+        session: AsyncSession,
+        next_offsets: Mapping[TopicPartition, int],
+        resumed: Collection[TopicPartition] = (),
     ) -> None:
         if not next_offsets:
             return
@@ -395,6 +420,44 @@ class BatchWriter:
                 for (t, p), n in sorted(next_offsets.items())
             ],
         )
+        if resumed:
+            await session.execute(
+                update(ConsumerOffset)
+                .where(ConsumerOffset.group_id == self._group_id)
+                .where(tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(list(resumed)))
+                .values(replay_end=None, resume_offset=None)
+            )
+
+
+def _bound(
+    batch: Batch, replays: Mapping[TopicPartition, tuple[int, int]]
+) -> tuple[Batch, dict[TopicPartition, int]]:
+    """`batch` without the records at or after the end of a bounded replay, and the
+    partitions whose replay it ends, with where each resumes. A batch reaches the end
+    when its next offset does (a control record may sit on the last offset, so the first
+    record past the end, left out, can be what reaches it)."""
+    ended = {
+        tp: (end, resume)
+        for tp, (end, resume) in replays.items()
+        if batch.next_offsets.get(tp, -1) >= end
+    }
+    if not ended:
+        return batch, {}
+
+    def inside(source: Source) -> bool:
+        bound = ended.get((source.topic, source.partition))
+        return bound is None or source.offset < bound[0]
+
+    next_offsets = dict(batch.next_offsets)
+    next_offsets.update({tp: resume for tp, (_, resume) in ended.items()})
+    bounded = Batch(
+        changes=[c for c in batch.changes if inside(c.source)],
+        dead=[d for d in batch.dead if inside(d.source)],
+        next_offsets=next_offsets,
+        opened_at=batch.opened_at,
+        sweep=batch.sweep,
+    )
+    return bounded, {tp: resume for tp, (_, resume) in ended.items()}
 
 
 async def _upsert(session: AsyncSession, todo: Plan, result: WriteResult) -> None:
@@ -422,7 +485,7 @@ async def _outbox_rows(
     return rows
 
 
-async def _load_stored(
+async def load_stored(
     session: AsyncSession, changes: Sequence[Change]
 ) -> dict[Entity, dict[int, Row]]:
     """The rows `plan` needs for `changes` (see `plan.needs`)."""

@@ -18,7 +18,8 @@ CONTRACTS_DIR = Path(__file__).resolve().parents[2] / "contracts" / "outbound"
 EVENT_SCHEMA = "event.schema.json"
 _DESCRIPTION = (
     "The value of one message on the downstream topics (SYNC_OUT_USERS_TOPIC, default"
-    " sync.users; SYNC_OUT_ORDERS_TOPIC, default sync.orders): one applied change. The key"
+    " sync.users; SYNC_OUT_ORDERS_TOPIC, default sync.orders): one applied change, or a"
+    " snapshot of a row's current state (`*.snapshot`, source null). The key"
     " is `aggregate_id` as UTF-8; headers `event_type` and `event_id` repeat `type` and"
     " `event_id`. Ordering and delivery rules are in contracts/outbound/README.md."
 )

@@ -38,7 +38,14 @@ async def test_replay_and_redrive_are_recorded_with_their_effect(
         (
             "ada@oncall",
             "replay",
-            {"topic": settings.users_topic, "partition": 0, "from_offset": 2, "from_time": None},
+            {
+                "topic": settings.users_topic,
+                "partitions": [0],
+                "from_offset": 2,
+                "from_time": None,
+                "to_offset": None,
+                "to_time": None,
+            },
             True,
             moved,
         ),
@@ -104,5 +111,5 @@ async def test_history_lists_newest_first_as_json_and_as_lines(
 
     lines = (await cli(settings, "history")).stdout.splitlines()
     assert len(lines) == 6
-    assert lines[0].endswith(f"replay topic={settings.users_topic} partition=0 from_offset=0")
+    assert lines[0].endswith(f"replay from_offset=0 partitions=0 topic={settings.users_topic}")
     assert lines[1].startswith("    ok: ")

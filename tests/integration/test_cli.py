@@ -47,7 +47,9 @@ class Outcome:
 async def cli(settings: Settings, *args: str, **env: str) -> Outcome:
     """Run `sync-service *args` with `settings` as SYNC_* variables (and `env` on top)."""
     variables = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-    variables.update({f"SYNC_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
+    variables.update(
+        {f"SYNC_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
+    )
     variables.update(env)
     process = await asyncio.create_subprocess_exec(
         str(EXECUTABLE),
@@ -193,7 +195,9 @@ async def test_an_unreachable_broker_is_one_line(settings: Settings) -> None:
     commands = [
         ("offsets",),
         ("replay", "--topic", settings.users_topic, "--partition", "0", "--from-offset", "0"),
-    ]
+        ("replay", "--topic", settings.users_topic, "--all-partitions", "--from-offset", "0",
+         "--dry-run"),
+    ]  # fmt: skip
     await _refused_by_the_broker(settings, commands)
 
 
@@ -217,9 +221,13 @@ async def test_an_unreachable_database_is_one_line(settings: Settings) -> None:
         ("dlq", "list"),
         ("dlq", "redrive"),
         ("replay", "--topic", settings.users_topic, "--partition", "0", "--from-offset", "0"),
+        ("replay", "--topic", settings.users_topic, "--all-partitions", "--from-offset", "0",
+         "--dry-run"),
+        ("republish", "--entity", "user", "--all"),
+        ("history",),
         ("run",),
         ("db", "upgrade"),
-    ]
+    ]  # fmt: skip
     outcomes = await asyncio.gather(
         *(cli(settings, *c, SYNC_DATABASE_URL=UNREACHABLE_DB) for c in commands)
     )

@@ -78,6 +78,7 @@ async def test_each_applied_change_is_published_once_with_the_contract_key_value
             "event_type": event.type.encode(),
             "event_id": str(event.event_id).encode(),
         }
+        assert event.source is not None
         assert str(event.source.event_id) == source["event_id"]
         assert event.data["version"] == event.version == source["version"]
     shipped = next(p for p in published if p.key == b"10" and p.value["version"] == 3)

@@ -8,6 +8,8 @@ regenerate it with `python -m sync_service.relay.schemas`.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -15,7 +17,13 @@ import pytest
 from pydantic import ValidationError
 
 from sync_service.events.change import Source
-from sync_service.events.outbound import OutboundEvent, downstream_event_id, outbound_value
+from sync_service.events.outbound import (
+    OutboundEvent,
+    downstream_event_id,
+    outbound_value,
+    snapshot_event_id,
+    snapshot_value,
+)
 from sync_service.pipeline.decode import change_from_envelope
 from sync_service.relay.schemas import CONTRACTS_DIR, EVENT_SCHEMA, REGENERATE, render
 from tests.factories import delete_event, order_event, user_event
@@ -46,6 +54,7 @@ PAYLOADS = [
 @pytest.mark.parametrize("payload", PAYLOADS, ids=["user", "order", "delete"])
 def test_a_stored_payload_is_a_valid_outbound_event(payload: dict[str, Any]) -> None:
     event = OutboundEvent.model_validate(payload)
+    assert event.source is not None
     assert event.event_id == downstream_event_id(event.source.event_id)
     assert (event.source.topic, event.source.partition, event.source.offset) == ("cdc.x", 2, 40)
     assert event.aggregate_id == str(event.data["id"])
@@ -75,7 +84,26 @@ def test_the_contract_names_every_field_of_the_value() -> None:
     }  # fmt: skip
     assert set(schema["properties"]["type"]["enum"]) == {
         "user.upserted", "user.deleted", "order.upserted", "order.deleted",
+        "user.snapshot", "order.snapshot",
     }  # fmt: skip
+
+
+def test_a_snapshot_is_a_valid_outbound_event_without_a_source() -> None:
+    row = {
+        "id": 7, "user_id": 42, "total": Decimal("12.50"), "currency": "EUR", "status": "paid",
+        "created_at": datetime(2026, 1, 2, tzinfo=UTC),
+        "updated_at": datetime(2026, 1, 3, tzinfo=UTC), "version": 3, "deleted_at": None,
+    }  # fmt: skip
+    event_id = snapshot_event_id(12, "order", 7, 3)
+    value = snapshot_value("order", row, event_id, datetime(2026, 12, 5, tzinfo=UTC))
+    payload = orjson.loads(orjson.dumps(value, default=str))
+    event = OutboundEvent.model_validate(payload)
+    assert (event.type, event.aggregate_id, event.version, event.source) == (
+        "order.snapshot", "7", 3, None,
+    )  # fmt: skip
+    assert payload["data"]["total"] == "12.50"
+    assert snapshot_event_id(12, "order", 7, 3) == event_id != snapshot_event_id(13, "order", 7, 3)
+    _validator().validate(payload)
 
 
 def _validator() -> Any:
