@@ -5,16 +5,31 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+UV_COMPILE := $(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command "make lock" --quiet $(if $(UPGRADE),--upgrade)
 SERVICES := scripts/services
 WITH_ENV := eval "$$($(SERVICES) env)" &&
 
-.PHONY: demo test lint unit services services-down bench clean
+.PHONY: demo test lint unit lock services services-down bench clean
 
-$(STAMP): pyproject.toml
+# Exactly the locked versions (hash-checked), then the project itself without resolving
+# anything: a fresh machine gets the versions the tests passed with. Needs only pip.
+$(STAMP): pyproject.toml $(DEV_LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install --quiet --upgrade pip
-	@$(BIN)/pip install --quiet -e '.[dev]'
+	@$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
+	@$(BIN)/pip install --quiet --no-deps -e .
 	@touch $(STAMP)
+
+## Re-resolve the lock files after a change to pyproject.toml's dependencies (keeps every
+## other pin); `make lock UPGRADE=1` moves every pin to the newest release in its range.
+lock: $(STAMP)
+	@$(BIN)/pip install --quiet 'uv>=0.9,<1'
+	@$(UV_COMPILE) -o $(LOCK)
+	@$(UV_COMPILE) --extra dev --constraint $(LOCK) -o $(DEV_LOCK)
+	@$(BIN)/pip install --quiet --require-hashes -r $(DEV_LOCK)
 
 services:
 	@$(SERVICES) up

@@ -40,6 +40,7 @@ app.add_typer(dlq_app, name="dlq")
 
 _state = {"debug": False}
 
+TIME_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%d"]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -257,14 +258,78 @@ def dlq_list(
         typer.echo(render(letters))
 
 
+@dlq_app.command("show")
+def dlq_show(
+    letter_id: Annotated[int, typer.Argument(help="The dead letter's id.", metavar="ID")],
+    as_json: JsonFlag = False,
+) -> None:
+    """One dead letter, whole: origin, key, headers, reason and value (binary as hex)."""
+    from sync_service.ops.dlq import show
+    from sync_service.ops.show import letter_json, render_letter
+
+    letter = _run(show(_settings(), letter_id))
+    if as_json:
+        _print_json(letter_json(letter))
+    else:
+        typer.echo(render_letter(letter))
+
+
+KindOption = Annotated[str | None, typer.Option("--kind", help="Only letters of this kind.")]
+
+
 @dlq_app.command("redrive")
 def dlq_redrive(
     ids: Annotated[list[int] | None, typer.Argument(help="Dead-letter ids (default: all).")] = None,
+    kind: KindOption = None,
+    reason_contains: Annotated[
+        str | None, typer.Option(help="Only letters whose reason contains this text.")
+    ] = None,
 ) -> None:
-    """Decode the dead letters again and apply those that are now valid."""
+    """Decode the dead letters again and apply those that are now valid (in chunks)."""
     from sync_service.ops.dlq import redrive
 
-    typer.echo(_run(redrive(_settings(), ids or None)))
+    typer.echo(_run(redrive(_settings(), ids or None, kind=kind, reason_contains=reason_contains)))
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    ids: Annotated[list[int] | None, typer.Argument(help="Dead-letter ids.")] = None,
+    before: Annotated[
+        datetime | None,
+        typer.Option(help="Letters stored before this time (RFC 3339).", formats=TIME_FORMATS),
+    ] = None,
+    kind: KindOption = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete dead letters for good (asks first, unless --yes)."""
+    from sync_service.ops.dlq import Selection
+    from sync_service.ops.purge import preview, purge
+
+    settings = _settings()
+    selection = Selection(ids=ids or None, kind=kind, before=before)
+    shown = _run(preview(settings, selection))
+    if not shown.count:
+        typer.echo(f"no dead letters to purge ({selection.describe()})")
+        return
+    what = f"{shown.count} dead letter{'s' if shown.count != 1 else ''} ({selection.describe()}"
+    what += f"; {shown.not_redriven} never re-driven)" if shown.not_redriven else ")"
+    if not yes:
+        if not sys.stdin.isatty():
+            _fail(f"not purging {what} without confirmation: rerun with --yes", 2)
+        if not typer.confirm(f"delete {what} for good?"):
+            _fail("nothing purged", 1)
+    typer.echo(_run(purge(settings, selection, shown)))
+
+
+@dlq_app.command("resume")
+def dlq_resume(
+    topic: Annotated[str, typer.Option(help="The paused partition's topic.")],
+    partition: Annotated[int, typer.Option(help="The paused partition.", min=0)],
+) -> None:
+    """Resume a partition that the dead-letter guard paused, once its upstream is fixed."""
+    from sync_service.ops.resume import resume
+
+    typer.echo(_run(resume(_settings(), topic, partition)))
 
 
 @app.command()

@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     dead_letter_value_bytes: int = Field(default=65_536, ge=0)
     dead_letter_key_bytes: int = Field(default=1_024, ge=0)
 
+    # The dead-letter guard: a partition whose last `dlq_window` messages hold more than
+    # `dlq_max_ratio` dead letters is paused until an operator resumes it (1 turns it off).
+    dlq_window: int = Field(default=1_000, ge=1)
+    dlq_max_ratio: float = Field(default=0.5, gt=0, le=1)
+    # Also publish every new dead letter to this Kafka topic (through the outbox and the
+    # relay, exactly once); set it for the consumers and the relay alike.
+    dlq_topic: str | None = Field(default=None, min_length=1, max_length=249)
+
     # Waiting changes (an order before its user, an email not yet free).
     pending_retry_ms: int = Field(default=1_000, ge=10)
     pending_load_limit: int = Field(default=10_000, ge=1)

@@ -23,6 +23,7 @@ from sync_service.observability.health import serve_http
 from sync_service.observability.redact import masked_url
 from sync_service.ops.stats import refresh_gauges
 from sync_service.pipeline.consume import ChangeConsumer
+from sync_service.pipeline.guard import DeadLetterGuard, guard_check
 from sync_service.pipeline.write import BatchWriter
 from sync_service.retry import describe
 
@@ -75,7 +76,14 @@ async def serve(
         sessions = make_sessionmaker(engine)
         consumer = (
             ChangeConsumer(
-                settings, BatchWriter(sessions, settings.group_id, settings.pending_load_limit)
+                settings,
+                BatchWriter(
+                    sessions,
+                    settings.group_id,
+                    settings.pending_load_limit,
+                    DeadLetterGuard(settings.group_id, settings.dlq_window, settings.dlq_max_ratio),
+                    publish_dead_letters=settings.dlq_topic is not None,
+                ),
             )
             if consume
             else None
@@ -93,6 +101,7 @@ async def serve(
                 checks["database"] = describe(error)
             if consumer is not None:
                 checks["consumer"] = None if consumer.assigned else "no partitions assigned"
+                checks["dead_letter_guard"] = guard_check(consumer.guarded.values())
             return checks
 
         runner = await serve_http(settings.http_port, readiness)

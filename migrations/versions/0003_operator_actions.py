@@ -14,7 +14,7 @@ hold for what it writes. The CHECK constraint is validated at once, not in a lat
 migration: `consumer_offsets` holds one row per partition, its new columns are empty, and
 adding them takes the same brief lock.
 
-Revision ID: 0003_operator_actions
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-05
 """
@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0003_operator_actions"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

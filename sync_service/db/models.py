@@ -177,8 +177,32 @@ class DeadLetterRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     redriven_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     redrive_result: Mapped[str | None] = mapped_column(Text)
+    headers: Mapped[list[list[str | None]] | None] = mapped_column(JSONB)
+    """The record's Kafka headers as `[name, base64 value or null]` pairs, in order."""
 
     __table_args__ = (UniqueConstraint("topic", "partition", "offset"),)
+
+
+class PartitionGuard(Base):
+    """The dead-letter guard's verdict on one partition of one consumer group.
+
+    While `paused_at` is set, no consumer of the group reads the partition. The guard's
+    window counts only dead letters at offsets from `window_from` on: a resume moves it to
+    the partition's position, so the letters that tripped the guard do not trip it again.
+    """
+
+    __tablename__ = "partition_guards"
+
+    group_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    topic: Mapped[str] = mapped_column(Text, primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    window_from: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    dead: Mapped[int | None]
+    window: Mapped[int | None]
+    kind: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    resumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class OutboxEvent(Base):

@@ -59,3 +59,5 @@ class DeadLetter:
     kind: DeadLetterKind
     reason: str
     key_size: int
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    """The record's Kafka headers, in order (set by the consumer: decoding needs none)."""

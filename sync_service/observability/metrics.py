@@ -36,6 +36,16 @@ LAG = Gauge("sync_consumer_lag", "End offset minus stored position.", ["topic", 
 PENDING = Gauge("sync_pending_changes", "Changes waiting for what they need.")
 PENDING_AGE = Gauge("sync_pending_oldest_age_seconds", "Age of the oldest waiting change.")
 PAUSED = Gauge("sync_consumer_paused", "1 while fetching is paused for backpressure.")
+GUARDED = Gauge(
+    "sync_partition_guarded",
+    "1 while the dead-letter guard holds a partition paused (until `dlq resume`).",
+    ["topic", "partition"],
+)
+GUARD_TRIPS = Counter(
+    "sync_dlq_guard_trips_total",
+    "Partitions paused by the dead-letter guard (too many dead letters in its window).",
+    ["topic"],
+)
 
 OUTBOX_BACKLOG = Gauge("sync_outbox_backlog", "Outbox rows not yet published.")
 OUTBOX_OLDEST_AGE = Gauge(

@@ -1,19 +1,32 @@
-"""`sync-service dlq`: list the dead letters, and re-drive them through the current decoder.
+"""`sync-service dlq`: list and show the dead letters, and re-drive them through the
+current decoder.
 
-A re-drive applies the letters that are now valid and marks them in one transaction, so
-a letter is either applied and marked, or neither; the others stay listed, with the reason.
+A re-drive goes through the selected letters in chunks of bounded size, oldest first;
+each chunk applies the letters that are now valid and marks them in one transaction, so
+a letter is either applied and marked, or neither; the others stay listed, with the
+reason. Nothing here deletes a letter (`sync-service dlq purge` does, when asked).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields
-from datetime import datetime
-from typing import Any, cast
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import RowMapping, Select, Table, bindparam, func, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
+from sqlalchemy import (
+    ColumnElement,
+    RowMapping,
+    Select,
+    Table,
+    bindparam,
+    func,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
 from sync_service.config import Settings
 from sync_service.db.models import ConsumerOffset, DeadLetterRow
@@ -30,6 +43,11 @@ APPLIED = "applied"
 _LETTERS = cast(Table, DeadLetterRow.__table__)
 _ATTEMPTS = 5
 _PREVIEW_CHARS = 200
+REDRIVE_CHUNK = 500
+REDRIVE_ACTION = "dlq redrive"
+"""Letters per re-drive transaction: memory and lock time stay bounded whatever the
+store holds."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +68,7 @@ class DeadLetterView:
     created_at: datetime
     redriven_at: datetime | None
     redrive_result: str | None
+    headers: list[list[str | None]] | None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -116,34 +135,128 @@ def render(letters: Sequence[DeadLetterView]) -> str:
     return "\n".join(lines)
 
 
-async def redrive(settings: Settings, ids: list[int] | None) -> str:
-    """Decode the dead letters `ids` (default: all not yet applied) again; apply the valid
-    ones and mark every one with the outcome. Returns one line of counts."""
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which dead letters a command works on: every condition given must hold."""
+
+    ids: list[int] | None = None
+    kind: str | None = None
+    reason_contains: str | None = None
+    before: datetime | None = None
+    """Stored before this time."""
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        where: list[ColumnElement[bool]] = []
+        if self.ids is not None:
+            where.append(_LETTERS.c.id.in_(self.ids))
+        if self.kind is not None:
+            where.append(_LETTERS.c.kind == self.kind)
+        if self.reason_contains is not None:
+            where.append(_LETTERS.c.reason.contains(self.reason_contains, autoescape=True))
+        if self.before is not None:
+            before = self.before
+            if before.tzinfo is None:  # a bare date or time is UTC
+                before = before.replace(tzinfo=UTC)
+            where.append(_LETTERS.c.created_at < before)
+        return where
+
+    def describe(self) -> str:
+        said = []
+        if self.ids is not None:
+            said.append("id " + ", ".join(map(str, sorted(set(self.ids)))))
+        if self.kind is not None:
+            said.append(f"of kind {self.kind}")
+        if self.reason_contains is not None:
+            said.append(f"whose reason contains {self.reason_contains!r}")
+        if self.before is not None:
+            said.append(f"stored before {self.before.isoformat()}")
+        return " ".join(said) or "all"
+
+
+async def check_selection(connection: AsyncConnection, selection: Selection) -> None:
+    """Refuse ids that name no letter and a kind that no letter has (most likely a typo)."""
+    if selection.ids is not None:
+        await _require_known(connection, selection.ids)
+    if selection.kind is not None:
+        kinds = set((await connection.execute(select(_LETTERS.c.kind).distinct())).scalars())
+        if selection.kind not in kinds:
+            stored = ", ".join(sorted(kinds)) or "none"
+            raise UserError(f"no dead letter of kind {selection.kind!r} (kinds stored: {stored})")
+
+
+async def show(settings: Settings, letter_id: int) -> DeadLetterView:
+    """One dead letter, whole."""
     engine = await connect(settings)
-    backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
-    attempt = 1
-    arguments = {"ids": ids}
     try:
-        while True:
-            try:
-                async with engine.connect() as connection:
-                    return await _redrive(connection, settings, ids)
-            except UserError:
-                raise  # refused: nothing started, nothing to record
-            except Exception as error:
-                # A consumer wrote the same partitions or rows meanwhile (or the database
-                # blinked): the attempt rolled back whole, so another one starts clean.
-                again = isinstance(error, Fenced) or is_transient(error)
-                if not again or attempt == _ATTEMPTS:
-                    outcome = f"rolled back after {attempt} attempts: {describe(error)}"
-                    await audit.record_failure(engine, settings, "dlq redrive", arguments, outcome)
-                    if not again:
-                        raise
-                    raise UserError(f"re-drive {outcome}") from None
-            attempt += 1
-            await asyncio.sleep(backoff.next_delay())
+        async with engine.connect() as connection:
+            found = await _views(connection, select(_LETTERS).where(_LETTERS.c.id == letter_id))
     finally:
         await engine.dispose()
+    if not found:
+        raise UserError(f"no dead letter with id {letter_id}")
+    return found[0]
+
+
+async def redrive(
+    settings: Settings,
+    ids: list[int] | None,
+    *,
+    kind: str | None = None,
+    reason_contains: str | None = None,
+    chunk: int = REDRIVE_CHUNK,
+) -> str:
+    """Decode the selected dead letters that no re-drive applied yet (default: all) again;
+    apply the valid ones and mark every one with the outcome, `chunk` letters per
+    transaction, oldest first. Returns one line of counts, which is also the outcome of
+    the action's row in `operator_actions` (written with the first chunk, amended with
+    each next one, in that chunk's transaction)."""
+    selection = Selection(ids=ids, kind=kind, reason_contains=reason_contains)
+    run = _Run(settings, selection, chunk)
+    engine = await connect(settings)
+    try:
+        async with engine.connect() as connection:
+            await check_selection(connection, selection)
+
+        async def failed(outcome: str) -> None:
+            if run.action_id is not None:  # earlier chunks committed, and stay
+                outcome = f"{run.summary()}; then {outcome}"
+            await audit.record_failure(
+                engine, settings, REDRIVE_ACTION, run.arguments, outcome, run.action_id
+            )
+
+        while await _with_retries(settings, engine, run.next_chunk, failed) is not None:
+            pass
+    finally:
+        await engine.dispose()
+    return run.summary()
+
+
+async def _with_retries(
+    settings: Settings,
+    engine: AsyncEngine,
+    attempt_on: Callable[[AsyncConnection], Awaitable[T]],
+    failed: Callable[[str], Awaitable[None]],
+) -> T:
+    """`attempt_on` a connection of its own; retried when it rolled back for a reason
+    that is not its own (a consumer wrote the same partitions or rows meanwhile, or the
+    database blinked): the attempt rolled back whole, so another one starts clean. When
+    it fails for good, `failed` hears how, before the error is raised."""
+    backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
+    attempt = 1
+    while True:
+        try:
+            async with engine.connect() as connection:
+                return await attempt_on(connection)
+        except Exception as error:
+            again = isinstance(error, Fenced) or is_transient(error)
+            if not again or attempt == _ATTEMPTS:
+                outcome = f"rolled back after {attempt} attempts: {describe(error)}"
+                await failed(outcome)
+                if not again:
+                    raise
+                raise UserError(f"re-drive {outcome}") from None
+        attempt += 1
+        await asyncio.sleep(backoff.next_delay())
 
 
 @dataclass(slots=True)
@@ -152,40 +265,110 @@ class _Outcomes:
     changes: list[Change]
     rejected: dict[int, str]
     """Dead-letter id -> why it still cannot be applied."""
+    waiting: int = 0
+    last_id: int = 0
 
 
-async def _redrive(connection: AsyncConnection, settings: Settings, ids: list[int] | None) -> str:
-    """One attempt, in one transaction on `connection`."""
-    async with connection.begin():
-        query = select(_LETTERS).where(_LETTERS.c.redriven_at.is_(None))
-        if ids is not None:
-            await _require_known(connection, ids)
-            query = query.where(_LETTERS.c.id.in_(ids))
-        # Locked, so two re-drives at once take turns and the second skips what is applied.
-        letters = await _views(connection, query.order_by(_LETTERS.c.id).with_for_update())
-        outcomes = _decode_again(settings, letters)
-        waiting = 0
-        if outcomes.changes:
-            waiting = await _apply(connection, settings, outcomes.changes)
-        if outcomes.applied:
-            await connection.execute(
-                update(_LETTERS)
-                .where(_LETTERS.c.id.in_(outcomes.applied))
-                .values(redriven_at=func.now(), redrive_result=APPLIED)
+@dataclass(slots=True)
+class _Totals:
+    letters: int = 0
+    applied: int = 0
+    rejected: int = 0
+    waiting: int = 0
+    chunks: int = 0
+
+    def plus(self, done: _Outcomes) -> _Totals:
+        return _Totals(
+            letters=self.letters + len(done.applied) + len(done.rejected),
+            applied=self.applied + len(done.applied),
+            rejected=self.rejected + len(done.rejected),
+            waiting=self.waiting + done.waiting,
+            chunks=self.chunks + 1,
+        )
+
+    def summary(self, *, skipped: int) -> str:
+        if not self.letters:
+            line = "no dead letters to re-drive"
+        else:
+            line = f"re-drove {self.letters}: {self.applied} applied"
+            if self.waiting:
+                line += f" ({self.waiting} of them waiting for a user or an email)"
+            line += f", {self.rejected} still not applicable"
+            if self.rejected:
+                line += " (see `sync-service dlq list`)"
+        if self.chunks > 1:
+            line += f"; in {self.chunks} transactions"
+        if skipped:
+            line += f"; {skipped} skipped (applied by an earlier re-drive)"
+        return line
+
+
+class _Run:
+    """One re-drive, chunk by chunk: where it is, what committed, and its audit row."""
+
+    def __init__(self, settings: Settings, selection: Selection, chunk: int) -> None:
+        self.settings = settings
+        self.selection = selection
+        self.chunk = chunk
+        self.after = 0
+        self.totals = _Totals()
+        self.action_id: int | None = None
+        self.arguments = {
+            "ids": selection.ids,
+            "kind": selection.kind,
+            "reason_contains": selection.reason_contains,
+        }
+
+    def summary(self, totals: _Totals | None = None) -> str:
+        totals = totals or self.totals
+        ids = self.selection.ids
+        skipped = len(set(ids)) - totals.letters if ids is not None else 0
+        return totals.summary(skipped=skipped)
+
+    async def next_chunk(self, connection: AsyncConnection) -> _Outcomes | None:
+        """One attempt at the next `chunk` letters, in one transaction on `connection`
+        (its audit row too); None when none is left. Advances only once committed."""
+        async with connection.begin():
+            query = (
+                select(_LETTERS)
+                .where(_LETTERS.c.redriven_at.is_(None), _LETTERS.c.id > self.after)
+                .where(*self.selection.conditions())
+                .order_by(_LETTERS.c.id)
+                .limit(self.chunk)
             )
-        if outcomes.rejected:
-            # `redriven_at` stays empty: the letter still waits for an operator (and the
-            # figures count it), now with the reason of its last re-drive.
-            await connection.execute(
-                update(_LETTERS)
-                .where(_LETTERS.c.id == bindparam("letter_id"))
-                .values(redrive_result=bindparam("result")),
-                [{"letter_id": i, "result": r} for i, r in outcomes.rejected.items()],
-            )
-        skipped = len(set(ids)) - len(letters) if ids is not None else 0
-        summary = _summary(outcomes, waiting, skipped=skipped)
-        await audit.record(connection, settings, "dlq redrive", {"ids": ids}, summary)
-    return summary
+            # Locked, so two re-drives at once take turns; the second skips what is applied.
+            letters = await _views(connection, query.with_for_update())
+            if not letters:
+                return None
+            outcomes = _decode_again(self.settings, letters)
+            outcomes.last_id = letters[-1].id
+            if outcomes.changes:
+                outcomes.waiting = await _apply(connection, self.settings, outcomes.changes)
+            if outcomes.applied:
+                await connection.execute(
+                    update(_LETTERS)
+                    .where(_LETTERS.c.id.in_(outcomes.applied))
+                    .values(redriven_at=func.now(), redrive_result=APPLIED)
+                )
+            if outcomes.rejected:
+                # `redriven_at` stays empty: the letter still waits for an operator (and
+                # the figures count it), now with the reason of its last re-drive.
+                await connection.execute(
+                    update(_LETTERS)
+                    .where(_LETTERS.c.id == bindparam("letter_id"))
+                    .values(redrive_result=bindparam("result")),
+                    [{"letter_id": i, "result": r} for i, r in outcomes.rejected.items()],
+                )
+            totals = self.totals.plus(outcomes)
+            action_id = self.action_id
+            if action_id is None:
+                action_id = await audit.record(
+                    connection, self.settings, REDRIVE_ACTION, self.arguments, self.summary(totals)
+                )
+            else:
+                await audit.amend(connection, action_id, self.summary(totals))
+        self.totals, self.action_id, self.after = totals, action_id, outcomes.last_id
+        return outcomes
 
 
 async def _require_known(connection: AsyncConnection, ids: list[int]) -> None:
@@ -268,22 +451,6 @@ async def _apply(connection: AsyncConnection, settings: Settings, changes: list[
     writer = BatchWriter(sessions, settings.group_id, settings.pending_load_limit)
     result = await writer.write(Batch(changes=changes), expected)
     return result.waiting
-
-
-def _summary(outcomes: _Outcomes, waiting: int, *, skipped: int) -> str:
-    applied, rejected = len(outcomes.applied), len(outcomes.rejected)
-    if not applied and not rejected:
-        line = "no dead letters to re-drive"
-    else:
-        line = f"re-drove {applied + rejected}: {applied} applied"
-        if waiting:
-            line += f" ({waiting} of them waiting for a user or an email)"
-        line += f", {rejected} still not applicable"
-        if rejected:
-            line += " (see `sync-service dlq list`)"
-    if skipped:
-        line += f"; {skipped} skipped (applied by an earlier re-drive)"
-    return line
 
 
 def _text(value: bytes | None, most: int | None = None) -> str | None:

@@ -134,9 +134,7 @@ async def _read(
     settings: Settings, topic: str, entity: Entity, ranges: list[Range]
 ) -> AsyncGenerator[list[Change | DeadLetter], None]:
     """The decoded records of each range, in chunks, in offset order per partition."""
-    limits = Limits(
-        settings.max_message_bytes, settings.max_json_depth, settings.dead_letter_value_bytes
-    )
+    limits = Limits.of(settings)
     todo = {TopicPartition(topic, r.partition): r for r in ranges if r.stop > r.start}
     if not todo:
         return

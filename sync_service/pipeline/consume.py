@@ -17,21 +17,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from sync_service.config import Settings
-from sync_service.events.change import Entity
+from sync_service.events.change import DeadLetter, Entity
 from sync_service.observability import metrics, outages
 from sync_service.observability.logging import OffsetRange
 from sync_service.pipeline.align import Aligner
 from sync_service.pipeline.batch import Batch, BatchBuilder
 from sync_service.pipeline.decode import Limits, decode
+from sync_service.pipeline.guard import Trip
 from sync_service.pipeline.write import BatchWriter, Fenced, WriteResult
-from sync_service.retry import Backoff, describe, retrying
+from sync_service.retry import Backoff, describe, is_transient, retrying
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ a partition within its share of a batch of its end holds nothing back."""
 DECODE_SLICE = 200
 """Records decoded per step at most: between slices the batch in flight gets the loop,
 so PostgreSQL never waits for a whole batch's decoding before its next statement."""
+GUARD_POLL_S = 2.0
+"""While the dead-letter guard holds a partition, how often to look whether an operator
+has resumed it (`sync-service dlq resume`)."""
 
 
 class ChangeConsumer:
@@ -77,6 +82,9 @@ class ChangeConsumer:
         self._pending_due = 0.0
         """When to next retry the oldest waiting changes (a sweep), whatever arrives."""
         self._paused: set[TP] = set()
+        self._guarded: dict[TP, Trip] = {}
+        """Partitions the dead-letter guard holds paused, until an operator resumes them."""
+        self._guard_due = 0.0
         self._unmirrored: dict[TP, int] = {}
         self._mirroring: asyncio.Task[None] | None = None
         self._sliced = False
@@ -93,6 +101,11 @@ class ChangeConsumer:
     def assigned(self) -> bool:
         """True once this consumer owns at least one partition."""
         return bool(self._expected)
+
+    @property
+    def guarded(self) -> Mapping[TP, Trip]:
+        """The owned partitions that the dead-letter guard holds paused, and why."""
+        return self._guarded
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._settings
@@ -130,8 +143,9 @@ class ChangeConsumer:
         else:
             self._fetched_at = None
         for tp, records in fetched.items():
-            if (tp.topic, tp.partition) not in self._expected:
-                continue  # revoked while the fetch was under way
+            key = (tp.topic, tp.partition)
+            if key not in self._expected or key in self._guarded:
+                continue  # revoked, or held by the guard, while the fetch was under way
             self._aligner.add((tp.topic, tp.partition), records)
             metrics.CONSUMED.labels(tp.topic).inc(len(records))
         room = self._settings.batch_max_events - len(self._builder)
@@ -140,23 +154,25 @@ class ChangeConsumer:
             behind = [
                 tp
                 for tp in self._expected
-                if not self._aligner.buffered(tp) and await _behind(consumer, tp, self._share)
+                if tp not in self._guarded
+                and not self._aligner.buffered(tp)
+                and await _behind(consumer, tp, self._share)
             ]
             released = self._aligner.release(min(room, DECODE_SLICE), behind, now)
             self._sliced = len(released) == DECODE_SLICE
             for (topic, partition), record in released:
-                self._builder.add(
-                    decode(
-                        entity=self._entities[topic],
-                        topic=topic,
-                        partition=partition,
-                        offset=record.offset,
-                        key=record.key,
-                        value=record.value,
-                        limits=self._limits,
-                    ),
-                    now,
+                decoded = decode(
+                    entity=self._entities[topic],
+                    topic=topic,
+                    partition=partition,
+                    offset=record.offset,
+                    key=record.key,
+                    value=record.value,
+                    limits=self._limits,
                 )
+                if record.headers and isinstance(decoded, DeadLetter):
+                    decoded = replace(decoded, headers=tuple(record.headers))
+                self._builder.add(decoded, now)
         if self._inflight is not None and self._inflight.done():
             task, self._inflight = self._inflight, None
             task.result()  # a defect (not a transient failure) stops the service here
@@ -173,6 +189,9 @@ class ChangeConsumer:
                     if position > batch.next_offsets.get(tp, 0):
                         batch.next_offsets[tp] = position
                 self._start(batch)
+        if self._guarded and now >= self._guard_due:
+            self._guard_due = now + GUARD_POLL_S
+            await self._release_resumed(consumer)
         await asyncio.sleep(0)  # let the batch in flight take its turn
 
     def _notice_fetches(self, consumer: AIOKafkaConsumer, fetched: dict[Any, Any]) -> None:
@@ -197,10 +216,11 @@ class ChangeConsumer:
         epoch = self._epoch
         skipped = {}
         for tp, stored in list(self._expected.items()):
-            if stored is None or self._aligner.buffered(tp):
+            if stored is None or tp in self._guarded or self._aligner.buffered(tp):
                 # Nothing stored yet: the position may wait on the broker to be known
-                # (never worth holding the loop for). Records still to decode: the
-                # batch's own offsets say how far it goes.
+                # (never worth holding the loop for). Held by the guard: what it fetched
+                # was dropped, to be read again. Records still to decode: the batch's
+                # own offsets say how far it goes.
                 continue
             try:
                 position = await consumer.position(TopicPartition(*tp))
@@ -222,6 +242,8 @@ class ChangeConsumer:
         share = self._share
         pause, resume = [], []
         for tp in self._expected:
+            if tp in self._guarded:
+                continue  # paused until an operator resumes it, whatever its buffer
             size = self._aligner.buffered(tp)
             if tp not in self._paused and size >= share:
                 pause.append(tp)
@@ -271,7 +293,46 @@ class ChangeConsumer:
             log.info("replay ended; resuming %s", ", ".join(
                 f"{t}[{p}] at {n}" for (t, p), n in sorted(result.resumed.items())))  # fmt: skip
             self._seek({tp: n for tp, n in result.resumed.items() if tp in self._expected})
+        for trip in result.tripped:
+            metrics.GUARD_TRIPS.labels(trip.topic).inc()
+            log.error("%s", trip.describe())
+            self._hold(trip)
         self._mirror(result.next_offsets)
+
+    def _hold(self, trip: Trip) -> None:
+        """Stop reading `trip`'s partition: what was fetched or built for it beyond its
+        stored position is dropped, and read again once it is resumed."""
+        tp = (trip.topic, trip.partition)
+        if tp not in self._expected or self._consumer is None:
+            return
+        self._guarded[tp] = trip
+        self._consumer.pause(TopicPartition(*tp))
+        self._paused.discard(tp)
+        self._builder.drop({tp})
+        self._aligner.drop([tp])
+        self._epoch += 1  # a position read meanwhile may cover what was just dropped
+        metrics.GUARDED.labels(tp[0], str(tp[1])).set(1)
+
+    async def _release_resumed(self, consumer: AIOKafkaConsumer) -> None:
+        """Resume the held partitions that an operator has resumed, from their stored
+        positions (which a replay may have moved meanwhile)."""
+        try:
+            still = await self._writer.paused(list(self._guarded))
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            log.info("guard state not read (will try again): %s", describe(error))
+            return
+        resumed = [tp for tp in self._guarded if tp not in still]
+        if not resumed:
+            return
+        await self._reseek(resumed)
+        resumed = [tp for tp in resumed if self._guarded.pop(tp, None) is not None]
+        for tp in resumed:
+            with contextlib.suppress(KeyError):
+                metrics.GUARDED.remove(tp[0], str(tp[1]))
+            log.info("%s[%d] resumed from offset %s", tp[0], tp[1], self._expected.get(tp))
+        consumer.resume(*(TopicPartition(*tp) for tp in resumed))
 
     def _record(self, batch: Batch, result: WriteResult) -> None:
         for entity, count in result.applied.items():
@@ -345,6 +406,9 @@ class ChangeConsumer:
             self._expected.pop(tp, None)
             with contextlib.suppress(KeyError):
                 metrics.LAG.remove(tp[0], str(tp[1]))
+            if self._guarded.pop(tp, None) is not None:
+                with contextlib.suppress(KeyError):
+                    metrics.GUARDED.remove(tp[0], str(tp[1]))
         self._builder.drop(revoked)
         self._aligner.drop(revoked)
         self._paused.difference_update(revoked)
@@ -353,6 +417,15 @@ class ChangeConsumer:
         for tp in assigned:
             self._expected.setdefault(tp, None)
         await self._reseek(list(assigned))
+        held = await retrying(
+            "read guards",
+            lambda: self._writer.paused(list(assigned)),
+            self._backoff,
+            on=outages.POSTGRESQL,
+        )
+        for trip in held.values():
+            log.warning("still held: %s", trip.describe())
+            self._hold(trip)
         self._pending_due = self._clock()  # sweep now: changes may have waited from before
         self._rebalancing = False
         outages.current().kafka.recovered()  # the group coordinator answered

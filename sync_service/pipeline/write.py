@@ -15,6 +15,7 @@ then seeks there (`WriteResult.resumed`).
 from __future__ import annotations
 
 import asyncio
+from base64 import b64encode
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,10 +53,13 @@ from sync_service.db.models import (
     User,
 )
 from sync_service.db.statements import as_arrays, copy_rows, upsert_rows
-from sync_service.events.change import Change, Entity, Source
+from sync_service.events.change import Change, DeadLetter, Entity, Source
+from sync_service.events.dead_letter import DEAD_LETTER, outbox_payload
+from sync_service.events.dead_letter import event_id as dead_letter_event_id
 from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope, envelope_document
+from sync_service.pipeline.guard import DeadLetterGuard, Trip, paused_partitions
 from sync_service.pipeline.plan import COLUMNS, Applied, PendingKey, Plan, Row, Waiting, needs, plan
 from sync_service.retry import Transient
 
@@ -195,17 +199,34 @@ class WriteResult:
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     resumed: dict[TopicPartition, int] = field(default_factory=dict)
     """Partitions whose bounded replay this batch ended: the consumer seeks to these."""
+    tripped: list[Trip] = field(default_factory=list)
+    """Partitions this batch made the dead-letter guard pause (stored with it)."""
 
 
 class BatchWriter:
     """Writes batches for one consumer group; each `write` is one transaction."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], group_id: str,
-                 pending_load_limit: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        group_id: str,
+        pending_load_limit: int,
+        guard: DeadLetterGuard | None = None,
+        *,
+        publish_dead_letters: bool = False,
+    ) -> None:
         self._sessions = sessions
         self._group_id = group_id
         self._pending_limit = pending_load_limit
+        self._guard = guard
+        self._publish_dead_letters = publish_dead_letters
+        """Write an outbox row per new dead letter (`SYNC_DLQ_TOPIC` is set)."""
         self._waiting: dict[PendingKey, Change] = {}
+
+    async def paused(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, Trip]:
+        """Which of `partitions` the dead-letter guard holds for this group, and why."""
+        async with self._sessions() as session:
+            return await paused_partitions(session, self._group_id, partitions)
 
     async def positions(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         """The stored next offsets of `partitions` (absent where nothing was stored yet)."""
@@ -233,6 +254,8 @@ class BatchWriter:
             stored = await load_stored(session, [*pending, *batch.changes])
             result_plan = plan(batch.changes, pending, stored)
             result = await self._apply(session, batch, result_plan, txid)
+            if self._guard is not None and batch.dead:
+                result.tripped = await self._guard.check(session, batch)
             await self._store_positions(session, batch.next_offsets, resumed)
         result.next_offsets = dict(batch.next_offsets)
         result.resumed = resumed
@@ -342,24 +365,42 @@ class BatchWriter:
                 [_pending_row(waiting) for waiting in todo.wait],
             )
         if batch.dead:
-            await session.execute(
-                insert(DeadLetterRow).on_conflict_do_nothing(),
-                [
-                    {
-                        "topic": d.source.topic,
-                        "partition": d.source.partition,
-                        "offset": d.source.offset,
-                        "key": d.key,
-                        "key_size": d.key_size,
-                        "value": d.value,
-                        "value_size": d.value_size,
-                        "kind": d.kind,
-                        "reason": d.reason,
-                    }
-                    for d in batch.dead
-                ],
-            )
+            await self._store_dead_letters(session, batch.dead, txid)
         return result
+
+    async def _store_dead_letters(
+        self, session: AsyncSession, dead: Sequence[DeadLetter], txid: int
+    ) -> None:
+        """Insert the letters not stored yet (a replay re-reads some); with
+        `SYNC_DLQ_TOPIC`, each new one also gets an outbox row for the relay to publish."""
+        rows = [
+            {
+                "topic": d.source.topic,
+                "partition": d.source.partition,
+                "offset": d.source.offset,
+                "key": d.key,
+                "key_size": d.key_size,
+                "value": d.value,
+                "value_size": d.value_size,
+                "kind": d.kind,
+                "reason": d.reason,
+                "headers": _headers_document(d.headers),
+            }
+            for d in dead
+        ]
+        stmt = insert(DeadLetterRow).on_conflict_do_nothing()
+        if not self._publish_dead_letters:
+            await session.execute(stmt, rows)
+            return
+        stored = await session.execute(
+            stmt.returning(DeadLetterRow.topic, DeadLetterRow.partition, DeadLetterRow.offset),
+            rows,
+        )
+        new = {tuple(row) for row in stored}
+        outbox = [_dead_letter_outbox_row(d, txid) for d in dead if tuple(d.source) in new]
+        if outbox:
+            await copy_rows(session, _OUTBOX, _OUTBOX_COLUMNS, outbox)  # type: ignore[arg-type]
+            await session.execute(_NOTIFY)
 
     async def _store_positions(
         self,
@@ -484,6 +525,29 @@ def _outbox_row(change: Change, row: Row, txid: int) -> _OutboxRow:
         change.version,
         payload,
     )
+
+
+def _dead_letter_outbox_row(letter: DeadLetter, txid: int) -> _OutboxRow:
+    """A dead letter's outbox row, in `_OUTBOX_COLUMNS` order: one per record (its
+    origin is its aggregate id, its offset the version)."""
+    topic, partition, offset = letter.source
+    return (
+        txid,
+        DEAD_LETTER,
+        f"{topic}/{partition}/{offset}",
+        DEAD_LETTER,
+        str(dead_letter_event_id(topic, partition, offset)),
+        offset,
+        outbox_payload(letter),
+    )
+
+
+def _headers_document(headers: Sequence[tuple[str, bytes | None]]) -> list[list[str | None]] | None:
+    """Kafka headers as JSON: `[name, base64 value or null]` pairs, in order (a header's
+    value is any bytes, and a name may repeat)."""
+    if not headers:
+        return None
+    return [[name, None if value is None else b64encode(value).decode()] for name, value in headers]
 
 
 def _pending_row(waiting: Waiting) -> dict[str, Any]:

@@ -13,15 +13,18 @@ from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sync_service.db.models import OutboxEvent
+from sync_service.events.dead_letter import DEAD_LETTER
+from sync_service.events.dead_letter import to_message as to_dead_letter_message
 from sync_service.relay.position import Position
 
 OutboxRecord = tuple[int, int, str, bytes, bytes, bytes, bytes]
 """A fetched row (the driver's record, indexed like this tuple): txid, id, aggregate_type,
 then exactly the bytes that are published: aggregate_id (the key), payload (the value),
 event_type and event_id (the headers)."""
-Message = tuple[str, bytes, bytes, list[tuple[str, bytes]]]
+Message = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]
 """One Kafka record to send: topic, key, value, headers. A plain tuple: a chunk makes
-thousands, and a class would cost more to build than the rest of the message."""
+thousands, and a class would cost more to build than the rest of the message. Only a
+dead letter's key or value can be None."""
 
 # The hot statement, sent on the driver's connection: its rows arrive as the driver's
 # records, with no per-row step in between. PostgreSQL renders the payload as text and
@@ -60,16 +63,34 @@ def position_of(record: OutboxRecord) -> Position:
     return Position(record[0], record[1])
 
 
-def to_messages(records: Sequence[OutboxRecord], topics: Mapping[str, str]) -> list[Message]:
+def to_messages(
+    records: Sequence[OutboxRecord], topics: Mapping[str, str], dlq_topic: str | None = None
+) -> list[Message]:
     """The downstream records of outbox rows (CONTRACT section 4), in order: keyed by the
-    aggregate id, the payload as the value, the event type and id in headers."""
+    aggregate id, the payload as the value, the event type and id in headers. Dead
+    letters go to `dlq_topic` as their original records (`events.dead_letter`)."""
     try:
         return [
             (topics[r[2]], r[3], r[4], [("event_type", r[5]), ("event_id", r[6])]) for r in records
         ]
-    except KeyError:  # never skipped: a row the relay cannot route stops it
-        bad = next(r for r in records if r[2] not in topics)
-        raise ValueError(f"outbox row {bad[1]}: unknown aggregate_type {bad[2]!r}") from None
+    except KeyError:  # a chunk with a dead letter, or a row that cannot be routed
+        return [_routed(r, topics, dlq_topic) for r in records]
+
+
+def _routed(record: OutboxRecord, topics: Mapping[str, str], dlq_topic: str | None) -> Message:
+    kind = record[2]
+    if kind in topics:
+        return (
+            topics[kind],
+            record[3],
+            record[4],
+            [("event_type", record[5]), ("event_id", record[6])],
+        )
+    if kind == DEAD_LETTER and dlq_topic is not None:
+        return to_dead_letter_message(dlq_topic, record[4], record[6])
+    # Never skipped: a row the relay cannot route stops it.
+    hint = " (set SYNC_DLQ_TOPIC for the relay too)" if kind == DEAD_LETTER else ""
+    raise ValueError(f"outbox row {record[1]}: unknown aggregate_type {kind!r}{hint}")
 
 
 async def fetch_after(

@@ -57,7 +57,8 @@ async def publish(producer: AIOKafkaProducer, messages: Sequence[Message]) -> No
         if batches is None:
             partitions[topic] = sorted(await producer.partitions_for(topic))
             batches = open_batches[topic] = [None] * len(partitions[topic])
-        index = partition_index(key, len(batches))
+        # A record without a key (only a dead letter's can be) goes to the first partition.
+        index = 0 if key is None else partition_index(key, len(batches))
         batch = batches[index]
         if batch is None:
             batch = batches[index] = producer.create_batch()

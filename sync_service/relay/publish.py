@@ -77,8 +77,8 @@ class OutboxRelay:
         settings = self._settings
         await require_topics(
             settings.kafka_bootstrap,
-            self._topics.values(),
-            hint="create the downstream topics first, or check SYNC_OUT_*_TOPIC",
+            [*self._topics.values(), *([settings.dlq_topic] if settings.dlq_topic else [])],
+            hint="create the downstream topics first, or check SYNC_OUT_*_TOPIC / SYNC_DLQ_TOPIC",
         )
         await ensure_position_topic(settings)
         try:
@@ -153,7 +153,7 @@ class OutboxRelay:
         """Commit `rows` and the position after them to Kafka; return that position."""
         started = time.perf_counter()
         after = position_of(rows[-1])
-        messages = to_messages(rows, self._topics)
+        messages = to_messages(rows, self._topics, self._settings.dlq_topic)
         published = Counter(map(itemgetter(0), messages))
         settings = self._settings
         messages.append(

@@ -49,7 +49,13 @@ async def test_replay_and_redrive_are_recorded_with_their_effect(
             True,
             moved,
         ),
-        ("ada@oncall", "dlq redrive", {"ids": [letter]}, True, drove),
+        (
+            "ada@oncall",
+            "dlq redrive",
+            {"ids": [letter], "kind": None, "reason_contains": None},
+            True,
+            drove,
+        ),
     ]
     assert drove == "re-drove 1: 1 applied, 0 still not applicable"
 
@@ -75,7 +81,11 @@ async def test_a_failed_redrive_is_recorded_as_failed_and_changes_nothing(
         await redrive(settings, None)
     assert await rows(engine, "SELECT id FROM users") == []
     [(operator, action, arguments, ok, outcome)] = await rows(engine, ACTIONS)
-    assert (action, arguments, ok) == ("dlq redrive", {"ids": None}, False)
+    assert (action, arguments, ok) == (
+        "dlq redrive",
+        {"ids": None, "kind": None, "reason_contains": None},
+        False,
+    )
     assert outcome == "rolled back after 1 attempts: RuntimeError: the process died here"
     assert operator  # the OS user: SYNC_OPERATOR is not set
     assert await rows(engine, "SELECT redriven_at FROM dead_letters WHERE id = :i", i=letter) == [

@@ -220,6 +220,10 @@ async def test_an_unreachable_database_is_one_line(settings: Settings) -> None:
         ("offsets",),
         ("dlq", "list"),
         ("dlq", "redrive"),
+        ("dlq", "redrive", "--kind", "invalid"),
+        ("dlq", "show", "1"),
+        ("dlq", "purge", "--kind", "invalid", "--yes"),
+        ("dlq", "resume", "--topic", settings.users_topic, "--partition", "0"),
         ("replay", "--topic", settings.users_topic, "--partition", "0", "--from-offset", "0"),
         ("replay", "--topic", settings.users_topic, "--all-partitions", "--from-offset", "0",
          "--dry-run"),
@@ -258,7 +262,7 @@ async def test_a_schema_not_at_head_is_refused_until_db_upgrade(
 ) -> None:
     empty: dict[str, Any] = {"SYNC_DATABASE_URL": empty_database}
     head = head_revision(empty_database)
-    commands = [("run",), ("consume",), ("offsets",), ("dlq", "list")]
+    commands = [("run",), ("consume",), ("offsets",), ("dlq", "list"), ("dlq", "show", "1")]
     outcomes = await asyncio.gather(*(cli(settings, *c, **empty) for c in commands))
     for outcome in outcomes:
         assert outcome.failed_with_one_line() == (

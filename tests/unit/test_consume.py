@@ -1,12 +1,13 @@
 """The consumer's loop with a fake broker and a fake writer: batches by count, pauses
 a partition once it buffers a batch's worth while one is written and the next is
 built, and resumes after; decodes a backlog a slice per step; mirrors offsets to Kafka
-without holding up the next batch."""
+without holding up the next batch; holds a partition the dead-letter guard tripped on
+until it is resumed."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from aiokafka import TopicPartition
 from sync_service.config import Settings
 from sync_service.pipeline.batch import Batch
 from sync_service.pipeline.consume import DECODE_SLICE, ChangeConsumer
+from sync_service.pipeline.guard import Trip
 from sync_service.pipeline.write import WriteResult
 from tests.factories import encode, user_event
 
@@ -25,6 +27,7 @@ class Record:
     key: bytes
     value: bytes
     timestamp: int = 0
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
@@ -279,3 +282,78 @@ async def test_a_batch_that_ends_a_bounded_replay_makes_the_consumer_seek_and_fo
     assert seeks == [100]
     assert consumer._expected[("users", 0)] == 100
     assert len(consumer._builder) == 0
+
+
+@dataclass
+class SeekableKafka(FakeKafka):
+    """A partition that can be read again from any offset."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.records = list(self.backlog)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.backlog = self.records[offset:]
+
+
+@dataclass
+class GuardingWriter:
+    """Stores positions, and trips the guard on the first batch with dead letters; an
+    operator's resume is `held = False`."""
+
+    held: bool = False
+    stored: dict[tuple[str, int], int] = field(default_factory=dict)
+    batches: list[int] = field(default_factory=list)
+
+    async def write(
+        self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
+    ) -> WriteResult:
+        self.batches.append(len(batch))
+        self.stored.update(batch.next_offsets)
+        result = WriteResult(next_offsets=dict(batch.next_offsets))
+        if batch.dead and not self.held and len(self.batches) == 1:
+            self.held = True
+            result.tripped = [Trip("users", 0, len(batch.dead), 10, "not_json", "not JSON")]
+        return result
+
+    async def paused(self, partitions: Collection[tuple[str, int]]) -> dict[Any, Trip]:
+        trip = Trip("users", 0, 10, 10, "not_json", "not JSON")
+        return {("users", 0): trip} if self.held and ("users", 0) in partitions else {}
+
+    async def positions(self, partitions: Collection[tuple[str, int]]) -> dict[Any, int]:
+        return {tp: self.stored[tp] for tp in partitions if tp in self.stored}
+
+
+async def test_a_tripped_partition_stops_until_resumed_then_reads_on_from_its_position() -> None:
+    settings = Settings(
+        users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5
+    )
+    garbage = [Record(i, b"1", b"{") for i in range(10)]
+    kafka = SeekableKafka(
+        [*garbage, *(Record(i, b"1", encode(user_event(1, i))) for i in range(10, 30))]
+    )
+    writer = GuardingWriter()
+    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
+    consumer._consumer = kafka
+    consumer._expected[("users", 0)] = None
+    consumer._pending_due = float("inf")
+
+    for _ in range(30):
+        await consumer._step(kafka)
+    assert writer.batches == [10]  # the garbage; nothing after it
+    assert dict(consumer.guarded) == {
+        ("users", 0): Trip("users", 0, 10, 10, "not_json", "not JSON")
+    }
+    assert kafka.paused == {kafka.tp}
+    assert len(consumer._builder) == 0
+    assert consumer._expected[("users", 0)] == 10
+
+    writer.held = False  # `sync-service dlq resume`
+    consumer._guard_due = 0.0
+    for _ in range(50):
+        await consumer._step(kafka)
+        if consumer._expected[("users", 0)] == 30:
+            break
+    assert not consumer.guarded
+    assert not kafka.paused
+    assert writer.batches == [10, 10, 10]  # every record after the pause, once

@@ -15,6 +15,8 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as kafka_murmur2
 
+from sync_service.events.change import DeadLetter, Source
+from sync_service.events.dead_letter import DEAD_LETTER, outbox_payload
 from sync_service.relay.lease import lock_key
 from sync_service.relay.outbox import Message, OutboxRecord, position_of, to_messages
 from sync_service.relay.partition import murmur2, partition_index
@@ -59,6 +61,25 @@ def test_rows_become_the_contract_messages_on_their_aggregates_topics_in_order()
 def test_a_row_of_an_unknown_aggregate_stops_the_relay_instead_of_being_skipped() -> None:
     rows = [_row("user", 1), _row("invoice", 2), _row("order", 3)]
     with pytest.raises(ValueError, match="outbox row 2: unknown aggregate_type 'invoice'"):
+        to_messages(rows, TOPICS)
+
+
+def test_a_dead_letter_row_goes_to_the_dlq_topic_as_its_original_record() -> None:
+    letter = DeadLetter(Source("cdc.users", 2, 41), None, b"\x00\xff", 5, "oversized", "too big",
+                        0, (("trace", b"t"),))  # fmt: skip
+    dead = (1000, 2, DEAD_LETTER, b"cdc.users/2/41", outbox_payload(letter).encode(),
+            DEAD_LETTER.encode(), b"e-1")  # fmt: skip
+    rows = [_row("user", 1, "7"), dead, _row("order", 3, "42")]
+    messages = to_messages(rows, TOPICS, "dlq")
+    assert [m[0] for m in messages] == ["out.users", "dlq", "out.orders"]
+    assert messages[0] == to_messages(rows[:1], TOPICS)[0]
+    assert messages[1] == (
+        "dlq", None, b"\x00\xff",
+        [("trace", b"t"), ("dlq.topic", b"cdc.users"), ("dlq.partition", b"2"),
+         ("dlq.offset", b"41"), ("dlq.kind", b"oversized"), ("dlq.reason", b"too big"),
+         ("dlq.value_size", b"5"), ("event_type", b"dead_letter"), ("event_id", b"e-1")],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"row 2: .*'dead_letter' \(set SYNC_DLQ_TOPIC for the"):
         to_messages(rows, TOPICS)
 
 

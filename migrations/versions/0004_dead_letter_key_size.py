@@ -5,8 +5,8 @@ only the first `SYNC_DEAD_LETTER_VALUE_BYTES` of its value; `key_size` says how 
 key was. Nullable, so that this is an expand step (deploy/README.md): rows stored before,
 and by the previous release during a rollout, have none (their key was kept whole).
 
-Revision ID: 0003_dead_letter_key_size
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-05
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_dead_letter_key_size"
-down_revision: str | None = "0002"
+revision: str = "0004"
+down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
