@@ -27,8 +27,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from bench import report
 from bench.baselines import prepare_baseline_database, run_bulk, run_limit, run_naive, run_peer
 from bench.latency import run_latency
+from bench.progress import say
 from bench.report import PHASES, Phase
-from bench.run_service import Bench, Run, load_backlog, run_sync_service, say
+from bench.service.names import Bench, Run
+from bench.service.phase import load_backlog, run_sync_service
 from bench.workload import PARTITIONS, Workload
 from sync_service.config import Settings
 from sync_service.errors import UserError

@@ -25,8 +25,11 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bench.progress import say
 from bench.report import Phase
-from bench.run_service import Bench, Run, Usage, create_database, say
+from bench.service.database import create_database
+from bench.service.names import Bench, Run
+from bench.service.usage import Usage
 from bench.workload import Topics, Workload, final_state
 from sync_service.db.models import Base, Order, OutboxEvent, User
 from sync_service.events.change import Entity
