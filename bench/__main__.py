@@ -30,6 +30,7 @@ from bench.latency import run_latency
 from bench.progress import say
 from bench.quix.phase import run_quix
 from bench.report import PHASES, Phase
+from bench.service.grown import run_grown
 from bench.service.names import Bench, Run
 from bench.service.phase import load_backlog, run_sync_service
 from bench.workload import PARTITIONS, Workload
@@ -78,6 +79,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--skip", type=_skips, default=set(), help=f"comma-separated, of: {', '.join(PHASES)}")
     add("--latency-rate", type=_amount, default=5_000.0, help="events/s offered")
     add("--latency-seconds", type=_amount, default=60.0)
+    add(
+        "--grown-factor",
+        type=_amount,
+        default=10.0,
+        help="the grown target's history, in multiples of the rows the workload leaves",
+    )
     add("--naive-events", type=_count, default=20_000, help="the naive sample's size")
     add("--naive-seconds", type=_amount, default=20.0, help="... or its duration")
     add("--bulk-batch", type=_count, default=5_000)
@@ -126,7 +133,7 @@ async def run(args: argparse.Namespace, command: str) -> int:
         wanted = [p for p in PHASES if p not in args.skip]
         backlog, produce_s = (
             await load_backlog(bench, workload)
-            if {"sync_service", "naive", "bulk", "limit"} & set(wanted)
+            if {"sync_service", "grown", "naive", "bulk", "limit"} & set(wanted)
             else (None, 0.0)
         )
         for name in wanted:
@@ -193,6 +200,8 @@ async def _run_phase(
     if name == "sync_service":
         profile = bench.logs / "sync_service.profile.txt" if args.profile else None
         return await run_sync_service(bench, workload, backlog, profile=profile)
+    if name == "grown":
+        return await run_grown(bench, workload, backlog, factor=args.grown_factor)
     if name == "limit":
         return await run_limit(bench, workload, backlog.topics)
     engine = await prepare_baseline_database(bench)

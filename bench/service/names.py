@@ -75,12 +75,22 @@ class Bench:
         )
         return Run(prefix, settings)
 
+    def again(self, run: Run, phase: str, inbound_format: str = "native") -> Run:
+        """Settings for another drain of `run`'s inbound topics: a group, relay ids and
+        downstream topics of its own (create them with `create_topics`)."""
+        fresh = self.fresh(phase)
+        inbound = {"users_topic": run.settings.users_topic,
+                   "orders_topic": run.settings.orders_topic}  # fmt: skip
+        return Run(fresh.prefix, fresh.settings.model_copy(update=inbound), inbound_format)
+
     async def create_topics(self, run: Run, partitions: int = PARTITIONS) -> None:
         s = run.settings
         topics = [s.users_topic, s.orders_topic, s.out_users_topic, s.out_orders_topic]
         await ensure_topics(self.bootstrap, dict.fromkeys(topics, partitions))
         await ensure_position_topic(s)
-        self.made_topics += [*topics, s.relay_position_topic]
+        for topic in [*topics, s.relay_position_topic]:
+            if topic not in self.made_topics:
+                self.made_topics.append(topic)
 
     async def clean_up(self) -> None:
         """Best effort: delete the run's topics (the broker keeps their gigabytes until
@@ -111,6 +121,9 @@ class Bench:
 class Run:
     prefix: str
     settings: Settings
+    inbound_format: str = "native"
+    """How the inbound topics' records are written; the service is told any other
+    (`SYNC_INBOUND_FORMAT`)."""
 
     @property
     def topics(self) -> Topics:
@@ -135,6 +148,8 @@ class Run:
             "relay_position_topic": s.relay_position_topic,
             "http_port": str(s.http_port),
         }
+        if self.inbound_format != "native":
+            own["inbound_format"] = self.inbound_format
         return {**os.environ, **{f"SYNC_{k.upper()}": v for k, v in own.items()}}
 
 

@@ -1,5 +1,7 @@
-"""The sync_service phase: the service started on the pre-loaded backlog, timed from the
-moment it is up until every record is stored and published, then checked.
+"""The service's drains: the service started on a pre-loaded backlog, timed from the
+moment it is up until every record is stored and published, then checked. The
+sync_service phase is one into empty tables; the grown target and other input formats
+(`bench.service.grown`, `bench.service.formats`) are drains too.
 """
 
 from __future__ import annotations
@@ -36,12 +38,26 @@ async def load_backlog(bench: Bench, workload: Workload) -> tuple[Run, float]:
 async def run_sync_service(
     bench: Bench, workload: Workload, run: Run, *, profile: Path | None = None
 ) -> Phase:
-    """Start the service on the pre-loaded backlog of `run`, time it from its first commit
-    until all is stored and published, and check the result."""
-    phase = Phase("sync_service")
+    """The service on the pre-loaded backlog of `run`, into empty tables."""
     await bench.database.reset()
+    return await drain(bench, workload, run, name="sync_service", profile=profile)
+
+
+async def drain(
+    bench: Bench,
+    workload: Workload,
+    run: Run,
+    *,
+    name: str,
+    profile: Path | None = None,
+    ids: tuple[int, int] | None = None,
+) -> Phase:
+    """Start the service on the backlog of `run` (in `run.inbound_format`), time it from the
+    moment it is up until all is stored and published, and check the result: the tables'
+    rows with ids within `ids` (all when None) against the workload's expected state."""
+    phase = Phase(name)
     total = len(workload.events)
-    service = ServiceProcess(run, bench.logs / "sync_service.log", profile)
+    service = ServiceProcess(run, bench.logs / f"{name}.log", profile)
     tail = RelayTail(run.settings)
     await tail.start()
     spawned = time.monotonic()
@@ -52,7 +68,7 @@ async def run_sync_service(
             await service.wait_ready()
         ready = time.monotonic()
         cpu_at_ready = service.cpu_seconds()
-        timeline = await watch(service, bench.database.engine, tail, total, "sync_service")
+        timeline = await watch(service, bench.database.engine, tail, total, name)
         metrics = await service.metrics() if timeline.problem is None else {}
         spent = usage.stop()
         by_role = {
@@ -72,6 +88,7 @@ async def run_sync_service(
         workload.expected,
         downstream,
         metrics.get("sync_changes_applied_total"),
+        ids=ids,
     )
     if exit_code != 0:
         phase.problems.append(f"the service exited with {exit_code} on SIGTERM: see {service.logs}")
@@ -99,6 +116,7 @@ async def run_sync_service(
         "peak_rss_bytes_by_role": rss_by_role,
         "service_metrics": selected_metrics(metrics),
         "service_settings": service_settings(run.settings),
+        "inbound_format": run.inbound_format,
         "profiled": profile is not None,
         "logs": service.logs,
     }
