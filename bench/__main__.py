@@ -30,6 +30,7 @@ from bench.latency import run_latency
 from bench.progress import say
 from bench.quix.phase import run_quix
 from bench.report import PHASES, Phase
+from bench.service.formats import run_format
 from bench.service.grown import run_grown
 from bench.service.names import Bench, Run
 from bench.service.phase import load_backlog, run_sync_service
@@ -192,6 +193,8 @@ async def _run_phase(
         return await run_quix(
             bench, workload, commit_interval=args.quix_commit_interval, timeout_s=args.peer_timeout
         )
+    if name == "debezium":
+        return await run_format(bench, workload, "debezium")
     if name == "latency":
         return await run_latency(
             bench, rate=args.latency_rate, seconds=args.latency_seconds, seed=args.seed + 1

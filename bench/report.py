@@ -25,7 +25,17 @@ from rich.console import Console
 from rich.table import Table
 
 Status = Literal["ok", "wrong", "failed", "skipped"]
-PHASES = ("sync_service", "grown", "naive", "bulk", "peer", "quix", "limit", "latency")
+PHASES = (
+    "sync_service",
+    "grown",
+    "debezium",
+    "naive",
+    "bulk",
+    "peer",
+    "quix",
+    "limit",
+    "latency",
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
