@@ -1,8 +1,9 @@
 """The Quix Streams peer: our native envelopes from two topics into `users` and `orders` by
 Quix Streams' own PostgreSQL sink, upserting on the primary key.
 
-It runs in a virtualenv of its own (`bench.quix.venv`), with only the standard library,
-quixstreams and psycopg2: nothing of the service is imported here.
+It runs in a virtualenv of its own (`bench.quix.venv`), as `python -m bench.quix.app` from
+the repository, with only the standard library, quixstreams, psycopg2 and `bench.quix.rows`:
+nothing of the service is imported here.
 
 What a team would write with this sink, at its best settings:
 
@@ -30,7 +31,6 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from psycopg2.extensions import AsIs, register_adapter  # type: ignore[import-untyped]
 from quixstreams import Application  # type: ignore[import-not-found]
@@ -38,26 +38,9 @@ from quixstreams.sinks.community.postgresql import (  # type: ignore[import-not-
     PostgreSQLSink,
 )
 
+from bench.quix.rows import SqlNull, delete_row, upsert_row
 
-class SqlNull:
-    """A field's NULL that the sink keeps (it drops fields whose value is None)."""
-
-
-NULL = SqlNull()
 register_adapter(SqlNull, lambda _: AsIs("NULL"))
-
-
-def upsert_row(event: dict[str, Any]) -> dict[str, Any]:
-    """The row an upsert leaves: its data with its version, every column present."""
-    row = {name: NULL if value is None else value for name, value in event["data"].items()}
-    row["version"] = event["version"]
-    return row
-
-
-def delete_row(event: dict[str, Any]) -> dict[str, Any]:
-    """A soft delete: only the key, the version and `deleted_at` are written."""
-    return {"id": event["data"]["id"], "version": event["version"],
-            "deleted_at": event["occurred_at"]}  # fmt: skip
 
 
 class FirstMessage:

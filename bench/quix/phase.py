@@ -35,7 +35,7 @@ from sync_service.kafka import admin, ensure_topics
 from sync_service.ops.traffic import NULL, ExpectedState, table_checksum
 from sync_service.pipeline.plan import COLUMNS
 
-APP: Final = Path(__file__).resolve().with_name("app.py")
+APP: Final = "bench.quix.app"
 POLL_S: Final = 0.1
 FIRST_MESSAGE: Final = "FIRST_MESSAGE "
 
@@ -143,8 +143,9 @@ async def check_state(engine: AsyncEngine, expected: ExpectedState) -> list[str]
 
 
 def _spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """The application, run from the repository so that `bench.quix` is importable."""
     with log.open("wb") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def _stop(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
@@ -188,7 +189,7 @@ async def run_quix(
     group = f"{prefix}.group"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        str(interpreter), str(APP),
+        str(interpreter), "-m", APP,
         "--bootstrap", bench.bootstrap,
         "--group", group,
         "--users-topic", topics.users,
