@@ -91,15 +91,17 @@ def needs(changes: Iterable[Change]) -> Needs:
     user_ids: set[int] = set()
     order_ids: set[int] = set()
     emails: set[str] = set()
+    add_user, add_order, add_email = user_ids.add, order_ids.add, emails.add  # per change
     for change in changes:
+        row = change.row
         if change.entity == "user":
-            user_ids.add(change.id)
-            if change.row is not None:
-                emails.add(change.row["email"])
+            add_user(change.id)
+            if row is not None:
+                add_email(row["email"])
         else:
-            order_ids.add(change.id)
-            if change.row is not None:
-                user_ids.add(change.row["user_id"])
+            add_order(change.id)
+            if row is not None:
+                add_user(row["user_id"])
     return Needs(frozenset(user_ids), frozenset(order_ids), frozenset(emails))
 
 
