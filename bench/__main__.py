@@ -223,6 +223,8 @@ async def _run_phase(
 
 
 def _short(phase: Phase) -> str:
+    if phase.status == "skipped":
+        return "; ".join(["skipped", *phase.notes])
     rate = phase.measured_events_per_s
     shown = f"{rate:,.0f} events/s" if rate is not None else "no figure"
     return (

@@ -1,4 +1,5 @@
-"""The Quix Streams peer's own virtualenv, made on first use and kept under `.cache/`.
+"""The Quix Streams peer's own virtualenv, made on first use and kept under `.services/`
+(this checkout's own: `.cache/` may be shared between checkouts).
 
 Invariant: quixstreams and what it brings (confluent-kafka, psycopg2) live only there,
 never in the service's dependencies or its `.venv`; a virtualenv counts as made only once
@@ -22,7 +23,7 @@ class QuixUnavailable(RuntimeError):
 
 
 def folder(repo: Path) -> Path:
-    return repo / ".cache" / "bench-quix" / "venv"
+    return repo / ".services" / "bench-quix" / "venv"
 
 
 def python(repo: Path) -> Path:
