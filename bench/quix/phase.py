@@ -1,6 +1,7 @@
 """The Quix Streams peer in the benchmark: the workload's valid events, each entity's in
 version order, on topics of its own; the application (`bench.quix.app`) started in its own
-virtualenv on them; timed from its first message to the final state, and checked.
+virtualenv on them; timed from its first message until its consumer group has committed
+every record (Quix commits a checkpoint after its sinks wrote it), then checked.
 
 Invariant: its figure counts only if its tables' checksum equals the generator's expected
 state, the very check sync_service's tables pass (soft-deleted rows included).
