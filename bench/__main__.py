@@ -27,8 +27,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from bench import report
 from bench.baselines import prepare_baseline_database, run_bulk, run_limit, run_naive, run_peer
 from bench.latency import run_latency
+from bench.progress import say
+from bench.quix.phase import run_quix
 from bench.report import PHASES, Phase
-from bench.run_service import Bench, Run, load_backlog, run_sync_service, say
+from bench.service.formats import run_format
+from bench.service.grown import run_grown
+from bench.service.names import Bench, Run
+from bench.service.phase import load_backlog, run_sync_service
 from bench.workload import PARTITIONS, Workload
 from sync_service.config import Settings
 from sync_service.errors import UserError
@@ -75,6 +80,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--skip", type=_skips, default=set(), help=f"comma-separated, of: {', '.join(PHASES)}")
     add("--latency-rate", type=_amount, default=5_000.0, help="events/s offered")
     add("--latency-seconds", type=_amount, default=60.0)
+    add(
+        "--grown-factor",
+        type=_amount,
+        default=10.0,
+        help="the grown target's history, in multiples of the rows the workload leaves",
+    )
     add("--naive-events", type=_count, default=20_000, help="the naive sample's size")
     add("--naive-seconds", type=_amount, default=20.0, help="... or its duration")
     add("--bulk-batch", type=_count, default=5_000)
@@ -87,7 +98,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="bench.peer's sink variant (plain, reduced, unnest)",
     )
     add("--peer-warmup-events", type=_count, default=20_000)
-    add("--peer-timeout", type=_amount, default=1_200.0, help="seconds")
+    add("--peer-timeout", type=_amount, default=1_200.0, help="seconds (both peers)")
+    # Its sink writes at each checkpoint. Quix's default of 5 s halved the rate of a 100k
+    # drain here against 1 s (the sink's write stalls processing, and the drain ends only
+    # at a checkpoint).
+    add("--quix-commit-interval", type=_amount, default=1.0, help="seconds between checkpoints")
     add(
         "--profile",
         action="store_true",
@@ -119,7 +134,7 @@ async def run(args: argparse.Namespace, command: str) -> int:
         wanted = [p for p in PHASES if p not in args.skip]
         backlog, produce_s = (
             await load_backlog(bench, workload)
-            if {"sync_service", "naive", "bulk", "limit"} & set(wanted)
+            if {"sync_service", "grown", "naive", "bulk", "limit"} & set(wanted)
             else (None, 0.0)
         )
         for name in wanted:
@@ -174,6 +189,12 @@ async def _run_phase(
             warmup_events=args.peer_warmup_events,
             timeout_s=args.peer_timeout,
         )
+    if name == "quix":
+        return await run_quix(
+            bench, workload, commit_interval=args.quix_commit_interval, timeout_s=args.peer_timeout
+        )
+    if name == "debezium":
+        return await run_format(bench, workload, "debezium")
     if name == "latency":
         return await run_latency(
             bench, rate=args.latency_rate, seconds=args.latency_seconds, seed=args.seed + 1
@@ -182,6 +203,8 @@ async def _run_phase(
     if name == "sync_service":
         profile = bench.logs / "sync_service.profile.txt" if args.profile else None
         return await run_sync_service(bench, workload, backlog, profile=profile)
+    if name == "grown":
+        return await run_grown(bench, workload, backlog, factor=args.grown_factor)
     if name == "limit":
         return await run_limit(bench, workload, backlog.topics)
     engine = await prepare_baseline_database(bench)
@@ -200,6 +223,8 @@ async def _run_phase(
 
 
 def _short(phase: Phase) -> str:
+    if phase.status == "skipped":
+        return "; ".join(["skipped", *phase.notes])
     rate = phase.measured_events_per_s
     shown = f"{rate:,.0f} events/s" if rate is not None else "no figure"
     return (

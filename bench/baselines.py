@@ -25,8 +25,11 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from bench.progress import say
 from bench.report import Phase
-from bench.run_service import Bench, Run, Usage, create_database, say
+from bench.service.database import create_database
+from bench.service.names import Bench, Run
+from bench.service.usage import Usage
 from bench.workload import Topics, Workload, final_state
 from sync_service.db.models import Base, Order, OutboxEvent, User
 from sync_service.events.change import Entity
@@ -74,9 +77,9 @@ Index("ix_orders_user_id", _ORDERS.c.user_id)
 _TABLES: dict[Entity, Table] = {"user": _USERS, "order": _ORDERS}
 
 
-async def prepare_baseline_database(bench: Bench) -> AsyncEngine:
-    """A database of the run's own with the relaxed tables, made afresh."""
-    name = bench.database_beside("baseline")
+async def prepare_baseline_database(bench: Bench, suffix: str = "baseline") -> AsyncEngine:
+    """A database of the run's own (`<run>_<suffix>`) with the relaxed tables, made afresh."""
+    name = bench.database_beside(suffix)
     engine = create_async_engine(await create_database(bench.base.database_url, name))
     async with engine.begin() as connection:
         await connection.run_sync(_RELAXED.drop_all)

@@ -19,20 +19,14 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.limit import asyncpg_dsn
+from bench.progress import say
 from bench.report import Phase, distribution
-from bench.run_service import (
-    Bench,
-    RelayTail,
-    ServiceProcess,
-    Usage,
-    check_target,
-    count_downstream,
-    end_offsets,
-    say,
-    selected_metrics,
-    service_settings,
-    watch,
-)
+from bench.service.check import check_target, count_downstream
+from bench.service.names import Bench
+from bench.service.phase import selected_metrics, service_settings
+from bench.service.process import ServiceProcess
+from bench.service.usage import Usage
+from bench.service.watch import RelayTail, end_offsets, watch
 from bench.workload import Topics, Workload, event_ids
 from sync_service.events.outbound import downstream_event_text
 from sync_service.ops.traffic import Event

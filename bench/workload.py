@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaProducer
@@ -84,7 +84,21 @@ class Workload:
         }
 
 
-async def produce_backlog(bootstrap: str, topics: Topics, events: Sequence[Event]) -> float:
+class Produced(Protocol):
+    """What is produced to an inbound topic: an `Event`, or a record of another input
+    format (`bench.service.formats`), which may have no value (a tombstone)."""
+
+    @property
+    def entity(self) -> Entity: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+async def produce_backlog(bootstrap: str, topics: Topics, events: Sequence[Produced]) -> float:
     """Produce `events` to their partitions as fast as the broker takes them (whole
     record batches per partition, acks=1: a backlog to drain, not a source to imitate);
     returns the seconds it took."""

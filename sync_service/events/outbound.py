@@ -13,6 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict
 
 from sync_service.events.change import Change, Entity
@@ -71,26 +72,40 @@ def downstream_event_text(inbound_event_id: uuid.UUID) -> str:
     namespace again: this runs once per applied change. In the hex digest, the version
     nibble (13th) becomes 5 and the variant nibble (17th) gets RFC 4122's 10xx bits."""
     sha = _NAMESPACE_SHA1.copy()
-    sha.update(str(inbound_event_id).encode())
+    # orjson writes a UUID in its canonical text, as str() does, in C: a third of the cost.
+    sha.update(orjson.dumps(inbound_event_id)[1:-1])
     h = sha.hexdigest()
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
+_EVENT_TYPES: dict[tuple[str, str], EventType] = {
+    ("user", "upsert"): "user.upserted",
+    ("user", "delete"): "user.deleted",
+    ("order", "upsert"): "order.upserted",
+    ("order", "delete"): "order.deleted",
+}
+
+
 def event_type(change: Change) -> EventType:
     """`user.upserted`, `order.deleted`, ..."""
-    return f"{change.entity}.{'upserted' if change.op == 'upsert' else 'deleted'}"  # type: ignore[return-value]
+    return _EVENT_TYPES[change.entity, change.op]
 
 
 def outbound_value(
-    change: Change, row: dict[str, Any], event_id: uuid.UUID | str | None = None
+    change: Change,
+    row: dict[str, Any],
+    event_id: uuid.UUID | str | None = None,
+    kind: EventType | None = None,
+    aggregate_id: str | None = None,
 ) -> dict[str, Any]:
     """The outbound event as a plain dict, ready for orjson (built without a model, since
-    this runs once per applied change; a test checks it against `OutboundEvent`)."""
+    this runs once per applied change; a test checks it against `OutboundEvent`). A writer
+    that has the event's id, type or aggregate id at hand for its own columns passes them."""
     source = change.source
     return {
         "event_id": event_id or downstream_event_id(change.event_id),
-        "type": event_type(change),
-        "aggregate_id": str(change.id),
+        "type": kind or event_type(change),
+        "aggregate_id": aggregate_id or str(change.id),
         "version": change.version,
         "occurred_at": change.occurred_at,
         "data": row,

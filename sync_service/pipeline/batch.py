@@ -37,15 +37,19 @@ class BatchBuilder:
         self._batch = Batch()
 
     def add(self, item: Change | DeadLetter, now: float) -> None:
-        if not len(self._batch):
-            self._batch.opened_at = now
+        # Runs once per consumed record: locals, no `len(batch)` or `max()` calls.
+        batch = self._batch
+        if not batch.changes and not batch.dead:
+            batch.opened_at = now
         if isinstance(item, Change):
-            self._batch.changes.append(item)
+            batch.changes.append(item)
         else:
-            self._batch.dead.append(item)
-        tp = (item.source.topic, item.source.partition)
-        offsets = self._batch.next_offsets
-        offsets[tp] = max(offsets.get(tp, 0), item.source.offset + 1)
+            batch.dead.append(item)
+        topic, partition, offset = item.source
+        tp = (topic, partition)
+        offsets = batch.next_offsets
+        if offsets.get(tp, 0) <= offset:
+            offsets[tp] = offset + 1
 
     def __len__(self) -> int:
         return len(self._batch)

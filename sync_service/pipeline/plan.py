@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 from sync_service.events.change import Change, Entity
 
@@ -34,9 +35,10 @@ Key = tuple[Entity, int]
 PendingKey = tuple[Entity, int, int]
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """A change that advanced its entity, and the row right after it."""
+class Applied(NamedTuple):
+    """A change that advanced its entity, and the row right after it (a named tuple, like
+    `Change`: one is made per applied change, and a tuple is built several times faster
+    than a frozen dataclass)."""
 
     change: Change
     row: Row
@@ -89,15 +91,17 @@ def needs(changes: Iterable[Change]) -> Needs:
     user_ids: set[int] = set()
     order_ids: set[int] = set()
     emails: set[str] = set()
+    add_user, add_order, add_email = user_ids.add, order_ids.add, emails.add  # per change
     for change in changes:
+        row = change.row
         if change.entity == "user":
-            user_ids.add(change.id)
-            if change.row is not None:
-                emails.add(change.row["email"])
+            add_user(change.id)
+            if row is not None:
+                add_email(row["email"])
         else:
-            order_ids.add(change.id)
-            if change.row is not None:
-                user_ids.add(change.row["user_id"])
+            add_order(change.id)
+            if row is not None:
+                add_user(row["user_id"])
     return Needs(frozenset(user_ids), frozenset(order_ids), frozenset(emails))
 
 
@@ -112,25 +116,35 @@ def plan(
     result = Plan()
     pending = list(pending)
     pending_keys = {_pkey(c) for c in pending}
-    by_key: dict[Key, list[Change]] = {}
+    by_id: dict[Entity, dict[int, list[Change]]] = {"user": {}, "order": {}}
     for change in [*pending, *incoming]:  # pending first: a duplicate keeps its first copy
-        key = (change.entity, change.id)
-        if key in by_key:
-            by_key[key].append(change)
+        of_entity = by_id[change.entity]
+        same = of_entity.get(change.id)
+        if same is None:
+            of_entity[change.id] = [change]
         else:
-            by_key[key] = [change]
+            same.append(change)
 
     chains: dict[Entity, dict[int, _Chain]] = {"user": {}, "order": {}}
-    for (entity, entity_id), changes in by_key.items():
-        prior = stored[entity].get(entity_id)
-        chain = _chain(entity, entity_id, changes, prior, pending_keys, result)
-        if chain is not None:
-            chains[entity][entity_id] = chain
+    for entity, grouped in by_id.items():
+        stored_rows, entity_chains = stored[entity], chains[entity]
+        for entity_id, changes in grouped.items():
+            prior = stored_rows.get(entity_id)
+            if len(changes) == 1 and (data := changes[0].row) is not None:
+                # The common case, inline: one upsert (newer than the stored row, or stale).
+                version = changes[0].version
+                if prior is None or version > prior["version"]:
+                    row = {**data, "version": version, "deleted_at": None}
+                    entity_chains[entity_id] = _Chain(changes, [row])
+                    continue
+            chain = _chain(entity, entity_id, changes, prior, pending_keys, result)
+            if chain is not None:
+                entity_chains[entity_id] = chain
 
     waiting = _settle_emails(chains["user"], stored["user"])
     waiting_orders: dict[int, tuple[str, int]] = {}
     for order_id, chain in chains["order"].items():
-        user_id = chain.final["user_id"]  # a tombstone of an unseen order has none
+        user_id = chain.after[-1]["user_id"]  # a tombstone of an unseen order has none
         prior = stored["order"].get(order_id)
         if user_id is None or user_id in stored["user"]:
             continue
@@ -140,16 +154,22 @@ def plan(
             waiting_orders[order_id] = (f"user {user_id} has not arrived yet", user_id)
 
     blocked: dict[Entity, dict[int, tuple[str, int]]] = {"user": waiting, "order": waiting_orders}
+    applied = result.applied
     for entity, reasons in blocked.items():
+        rows = result.rows[entity]
         for entity_id, chain in chains[entity].items():
-            why = reasons.get(entity_id)
-            if why is not None:
+            if reasons and entity_id in reasons:
+                why = reasons[entity_id]
                 result.wait.extend(
                     Waiting(c, *why) for c in chain.changes if _pkey(c) not in pending_keys
                 )
                 continue
-            result.rows[entity].append(chain.final)
-            result.applied.extend(map(Applied, chain.changes, chain.after))
+            after = chain.after
+            rows.append(after[-1])
+            if len(after) == 1:
+                applied.append(Applied(chain.changes[0], after[0]))
+            else:
+                applied.extend(map(Applied, chain.changes, after))
             if pending_keys:
                 result.unpend.extend(k for k in map(_pkey, chain.changes) if k in pending_keys)
     return result
@@ -235,8 +255,8 @@ def _live_email(row: Row) -> bool:
     return row["deleted_at"] is None and row["email"] is not None
 
 
-def _version(change: Change) -> int:
-    return change.version
+_version = attrgetter("version")
+"""A change's version, as a sort key (in C: no Python call per comparison)."""
 
 
 def _pkey(change: Change) -> PendingKey:

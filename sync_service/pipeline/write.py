@@ -515,16 +515,11 @@ _OutboxRow = tuple[int, str, str, str, str, int, str]
 def _outbox_row(change: Change, row: Row, txid: int) -> _OutboxRow:
     """One outbox row, in `_OUTBOX_COLUMNS` order."""
     event_id = downstream_event_text(change.event_id)
-    payload = orjson.dumps(outbound_value(change, row, event_id), default=str).decode()
-    return (
-        txid,
-        change.entity,
-        str(change.id),
-        event_type(change),
-        event_id,
-        change.version,
-        payload,
-    )
+    kind = event_type(change)
+    aggregate_id = str(change.id)  # each computed once, for its column and the payload
+    value = outbound_value(change, row, event_id, kind, aggregate_id)
+    payload = orjson.dumps(value, default=str).decode()
+    return (txid, change.entity, aggregate_id, kind, event_id, change.version, payload)
 
 
 def _dead_letter_outbox_row(letter: DeadLetter, txid: int) -> _OutboxRow:

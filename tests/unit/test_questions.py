@@ -8,15 +8,10 @@ import argparse
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from bench.questions import (
-    BackendMessages,
-    Wire,
-    _only,
-    first_line,
-    latency_summary,
-    overlapping,
-    table,
-)
+from bench.questions.__main__ import _only
+from bench.questions.figures import first_line, latency_summary, overlapping
+from bench.questions.tables import table
+from bench.questions.wire import BackendMessages, Wire
 from bench.report import percentile
 
 
