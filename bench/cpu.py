@@ -39,7 +39,9 @@ from sync_service.pipeline.plan import Plan, Row, needs, plan
 from sync_service.pipeline.write import _outbox_row
 from sync_service.service import tune_gc
 
-_LIMITS = Limits(max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=65_536)
+_LIMITS = Limits(
+    max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1_024
+)
 _TOPICS = Topics("cdc.users", "cdc.orders")
 
 
