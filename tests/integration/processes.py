@@ -34,6 +34,8 @@ def environment(settings: Settings, **overrides: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
+        if value is None:  # unset: the default (the text "None" would be a value)
+            continue
         secret = getattr(value, "get_secret_value", None)
         env[f"SYNC_{name.upper()}"] = str(secret() if secret is not None else value)
     env.update({f"SYNC_{k.upper()}": str(v) for k, v in overrides.items()})

@@ -28,7 +28,8 @@ CLI = Path(sys.executable).with_name("sync-service")
 def _env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
-        env[f"SYNC_{name.upper()}"] = str(value)
+        if value is not None:
+            env[f"SYNC_{name.upper()}"] = str(value)
     return env
 
 
