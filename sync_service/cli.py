@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine
 from datetime import datetime
@@ -15,7 +16,7 @@ import orjson
 import typer
 from pydantic import ValidationError
 
-from sync_service.config import Settings, get_settings
+from sync_service.config import Settings, get_settings, unknown_variables
 from sync_service.errors import UserError
 from sync_service.observability.logging import configure as configure_logging
 from sync_service.retry import describe
@@ -55,6 +56,8 @@ def _settings() -> Settings:
         name = "SYNC_" + str(first["loc"][0]).upper() if first["loc"] else "SYNC_*"
         raise UserError(f"bad setting {name}: {first['msg']}") from None
     configure_logging("DEBUG" if _state["debug"] else settings.log_level)
+    for name in unknown_variables(os.environ):
+        log.warning("%s is set but no setting reads it (misspelt?): it is ignored", name)
     return settings
 
 

@@ -43,6 +43,14 @@ class Change(NamedTuple):
     """The validated envelope, stored (as JSON) should the change have to wait."""
 
 
+class Skipped(NamedTuple):
+    """A record that holds no change by design (a tombstone after a delete): only its
+    position advances."""
+
+    source: Source
+    kind: str
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record that cannot be applied, and why; it is stored, never dropped."""

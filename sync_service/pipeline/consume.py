@@ -26,7 +26,7 @@ from sync_service.events.change import Entity
 from sync_service.observability import metrics
 from sync_service.pipeline.align import Aligner
 from sync_service.pipeline.batch import Batch, BatchBuilder
-from sync_service.pipeline.decode import Limits, decode
+from sync_service.pipeline.decode import Limits, decoder_for
 from sync_service.pipeline.write import BatchWriter, Fenced, WriteResult
 from sync_service.retry import Backoff, describe, retrying
 
@@ -68,6 +68,7 @@ class ChangeConsumer:
         self._limits = Limits(
             settings.max_message_bytes, settings.max_json_depth, settings.dead_letter_value_bytes
         )
+        self._decode = decoder_for(settings.inbound_format)
         self._builder = BatchBuilder(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
         self._expected: dict[TP, int | None] = {}
         """Owned partitions and the position this consumer believes is stored for each."""
@@ -137,7 +138,7 @@ class ChangeConsumer:
             self._sliced = len(released) == DECODE_SLICE
             for (topic, partition), record in released:
                 self._builder.add(
-                    decode(
+                    self._decode(
                         entity=self._entities[topic],
                         topic=topic,
                         partition=partition,
@@ -222,6 +223,8 @@ class ChangeConsumer:
                 dead.source.topic, dead.source.partition, dead.source.offset, dead.kind,
                 dead.reason,
             )  # fmt: skip
+        for skipped in batch.skipped:
+            metrics.SKIPPED.labels(skipped.source.topic, skipped.kind).inc()
 
     def _mirror(self, next_offsets: dict[TP, int]) -> None:
         """Mirror stored positions into Kafka's group offsets, for lag tools only, beside

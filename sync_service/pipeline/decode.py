@@ -10,12 +10,12 @@ import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from sync_service.events.change import Change, DeadLetter, Entity, Source
+from sync_service.events.change import Change, DeadLetter, Entity, Skipped, Source
 from sync_service.events.inbound import MONEY, ORDER_ENVELOPE, USER_ENVELOPE, Envelope
 
 _ADAPTERS: dict[Entity, TypeAdapter[Any]] = {"user": USER_ENVELOPE, "order": ORDER_ENVELOPE}
@@ -190,3 +190,29 @@ def _summarize(exc: ValidationError, most: int = 3) -> str:
         parts.append(f"{'.'.join(loc) or 'envelope'}: {error['msg']}")
     more = exc.error_count() - most
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+class Decoder(Protocol):
+    """What turns one record of an inbound topic into a change, a dead letter, or (for a
+    record that holds no change by design) a skip."""
+
+    def __call__(
+        self,
+        *,
+        entity: Entity,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        limits: Limits,
+    ) -> Change | DeadLetter | Skipped: ...
+
+
+def decoder_for(inbound_format: str) -> Decoder:
+    """The decoder of `SYNC_INBOUND_FORMAT`, chosen once wherever records are decoded."""
+    if inbound_format == "debezium":
+        from sync_service.pipeline.decode_debezium import decode as decode_debezium
+
+        return decode_debezium
+    return decode

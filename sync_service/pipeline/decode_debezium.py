@@ -1,0 +1,339 @@
+"""Decode one record of Debezium's PostgreSQL connector (Kafka Connect's JSON converter,
+with or without the `schema`/`payload` wrapper) into the `Change` the native decoder yields.
+
+Invariant: a change's version is the source's WAL position of that row change
+(`source.lsn`), and a snapshot read's is 0, below every streamed change (see
+`SNAPSHOT_VERSION`); a delete never reads `before` beyond its `id`. Nothing raises out of
+`decode`: every record becomes one change, one dead letter, or a skipped tombstone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from sync_service.db.models import Order
+from sync_service.events.change import Change, DeadLetter, Entity, Skipped, Source
+from sync_service.events.inbound import ORDER_ENVELOPE, USER_ENVELOPE, Envelope
+from sync_service.pipeline.decode import InvalidMessage, Limits
+
+_ADAPTERS: dict[Entity, TypeAdapter[Any]] = {"user": USER_ENVELOPE, "order": ORDER_ENVELOPE}
+_COLUMNS: dict[Entity, tuple[str, ...]] = {
+    "user": ("id", "email", "name", "active", "country", "created_at", "updated_at"),
+    "order": ("id", "user_id", "total", "currency", "status", "created_at", "updated_at"),
+}
+"""The target's columns of each entity; the source's other columns are ignored."""
+_TIMES = frozenset({"created_at", "updated_at"})
+_TOTAL_SCALE: Final[int] = Order.__table__.c.total.type.scale  # type: ignore[attr-defined]
+"""The target column's scale: what an unscaled decimal without its schema is read with."""
+MAX_KEY_BYTES = 4096
+
+SNAPSHOT_VERSION: Final = 0
+"""A snapshot read (`op` `r`) stands for the row as it was before everything the slot
+streams afterwards, including transactions that were in flight when the snapshot was
+taken: those are streamed with an `lsn` *below* the snapshot's shared one. So a read
+ranks below every streamed change, and never overwrites a row already stored (a read of
+a stored row changes nothing and publishes nothing)."""
+
+_EVENT_IDS = uuid.UUID("6c1b2f60-8b0e-5d43-9a54-4f1f6a3d2e10")
+"""The namespace of the event ids derived from a change's source position."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_UNITS = {
+    "io.debezium.time.Timestamp": "milliseconds",
+    "org.apache.kafka.connect.data.Timestamp": "milliseconds",
+    "io.debezium.time.MicroTimestamp": "microseconds",
+    "io.debezium.time.NanoTimestamp": "nanoseconds",
+}
+"""Schema names of a `timestamp` (without zone) column as an epoch number, by unit; the
+value is the source's wall time, read as UTC."""
+_OPS = {"c": "upsert", "u": "upsert", "r": "upsert", "d": "delete"}
+
+
+def decode(
+    *,
+    entity: Entity,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    limits: Limits,
+) -> Change | DeadLetter | Skipped:
+    """Turn the record at `offset` of a topic that carries `entity` into a change."""
+    source = Source(topic, partition, offset)
+    if value is None:
+        return Skipped(source, "tombstone")  # what the connector sends after a delete
+    try:
+        return _decode(entity, source, key, value, limits)
+    except InvalidMessage as exc:
+        kept = value[: limits.dead_letter_value_bytes]
+        return DeadLetter(source, key, kept, len(value), exc.kind, str(exc))
+
+
+def _decode(
+    entity: Entity, source: Source, key: bytes | None, value: bytes, limits: Limits
+) -> Change | Skipped:
+    if not value:
+        raise InvalidMessage("empty", "empty value: a change event must be a JSON document")
+    if len(value) > limits.max_bytes:
+        raise InvalidMessage(
+            "oversized", f"value is {len(value)} bytes, over the {limits.max_bytes}-byte limit"
+        )
+    document = _parse(value, "value", limits.max_depth)
+    schema, payload = _unwrap(document)
+    if payload is None:
+        return Skipped(source, "tombstone")  # a tombstone written with its (null) schema
+    if not isinstance(payload, dict) or "op" not in payload:
+        raise InvalidMessage("invalid", "not a Debezium change event: no `op` in the payload")
+    origin = payload.get("source")
+    if not isinstance(origin, dict):
+        raise InvalidMessage(
+            "invalid",
+            "not a Debezium change event: no `source` block (is SYNC_INBOUND_FORMAT right?)",
+        )
+    connector = origin.get("connector")
+    if connector != "postgresql":
+        raise InvalidMessage(
+            "unsupported_source",
+            f"a change from Debezium's {connector!r} connector: only the PostgreSQL "
+            "connector's events are read (SYNC_INBOUND_FORMAT=debezium)",
+        )
+    op = payload["op"]
+    if op not in _OPS:
+        raise InvalidMessage("unsupported_op", _unsupported(op, origin, payload))
+    snapshot = op == "r"
+    lsn = _position(origin, "lsn", required=not snapshot)
+    committed_ms = _position(origin, "ts_ms", required=True)
+    row_schema = _row_schema(schema, "before" if op == "d" else "after")
+    if op == "d":
+        before = payload.get("before")
+        # Only `id` of a delete's `before` is real: with the default replica identity the
+        # other NOT NULL columns are filler (0, "", the epoch).
+        entity_id = before["id"] if isinstance(before, dict) and "id" in before else _key_id(key)
+        data: dict[str, Any] = {"id": entity_id}
+    else:
+        after = payload.get("after")
+        if not isinstance(after, dict):
+            raise InvalidMessage("invalid", f"op {op!r} without an `after` row")
+        data = _row(entity, after, row_schema)
+        entity_id = data.get("id")
+    _check_key(key, entity_id)
+    event_id = uuid.uuid5(
+        _EVENT_IDS,
+        f"{origin.get('db')}/{origin.get('schema')}.{origin.get('table')}/{entity_id}/{op}"
+        f"/{origin.get('txId')}/{origin.get('lsn')}",
+    )
+    envelope = {
+        "event_id": event_id,
+        "entity": entity,
+        "op": _OPS[op],
+        "version": SNAPSHOT_VERSION if snapshot else lsn,
+        "occurred_at": _EPOCH + timedelta(milliseconds=committed_ms),
+        "data": data,
+    }
+    try:
+        valid: Envelope = _ADAPTERS[entity].validate_python(envelope)
+    except ValidationError as exc:
+        raise InvalidMessage("invalid", _summarize(exc)) from None
+    row: dict[str, Any] | None = None
+    if valid["op"] == "upsert":
+        row = dict(valid["data"])
+        if entity == "user":
+            row.setdefault("country", None)
+    return Change(  # positionally, as the native decoder builds it
+        entity,
+        valid["data"]["id"],
+        valid["version"],
+        valid["op"],
+        valid["event_id"],
+        valid["occurred_at"],
+        row,
+        source,
+        valid,
+    )
+
+
+def _parse(raw: bytes, what: str, max_depth: int) -> Any:
+    """`raw` as strict JSON (orjson: integers exact to 2^64, no NaN), no deeper than allowed."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        kind = "not_json" if what == "value" else "bad_key"
+        raise InvalidMessage(kind, f"{what} is not UTF-8 JSON: {exc}") from None
+    if _deeper_than(document, max_depth):
+        raise InvalidMessage("too_deep", f"JSON {what} nests deeper than {max_depth} levels")
+    return document
+
+
+def _deeper_than(node: Any, limit: int) -> bool:
+    """True when containers nest deeper than `limit` (the document itself is level 1)."""
+    stack: list[tuple[Any, int]] = [(node, 1)] if isinstance(node, dict | list) else []
+    while stack:
+        current, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = current.values() if isinstance(current, dict) else current
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _unwrap(document: Any) -> tuple[dict[str, Any] | None, Any]:
+    """(schema, payload) of a `schemas.enable=true` document, (None, it) otherwise."""
+    if isinstance(document, dict) and document.keys() == {"schema", "payload"}:
+        schema = document["schema"]
+        return (schema if isinstance(schema, dict) else None), document["payload"]
+    return None, document
+
+
+def _row_schema(schema: dict[str, Any] | None, field: str) -> dict[str, dict[str, Any]]:
+    """The schema of each column of the envelope's `before` or `after`, by name."""
+    if schema is None:
+        return {}
+    for part in schema.get("fields") or ():
+        if isinstance(part, dict) and part.get("field") == field:
+            return {
+                f["field"]: f
+                for f in part.get("fields") or ()
+                if isinstance(f, dict) and isinstance(f.get("field"), str)
+            }
+    return {}
+
+
+def _position(origin: dict[str, Any], name: str, *, required: bool) -> int:
+    value = origin.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    if value is None and not required:
+        return 0
+    raise InvalidMessage("invalid", f"source.{name}: expected an integer >= 0, got {value!r}")
+
+
+def _unsupported(op: Any, origin: dict[str, Any], payload: dict[str, Any]) -> str:
+    table = f"{origin.get('schema')}.{origin.get('table')}"
+    if op == "t":
+        return (
+            f"op 't' (a TRUNCATE of {table}) is not applied: it is no row change; "
+            "clear the target's rows by hand if that is what is meant"
+        )
+    if op == "m":
+        prefix = (payload.get("message") or {}).get("prefix")
+        return f"op 'm' (a logical decoding message, prefix {prefix!r}) is not a row change"
+    return f"op {op!r} is not a Debezium row change (c, u, r or d)"
+
+
+def _row(
+    entity: Entity, after: dict[str, Any], schema: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The target's columns of `after`, each converted from the connector's encoding."""
+    row: dict[str, Any] = {}
+    for column in _COLUMNS[entity]:
+        if column not in after:
+            continue  # the adapter names a missing required column
+        value = after[column]
+        if value is not None and column in _TIMES:
+            value = _time(column, value, schema.get(column))
+        elif value is not None and column == "total":
+            value = _money(value, schema.get(column))
+        row[column] = value
+    return row
+
+
+def _time(column: str, value: Any, schema: dict[str, Any] | None) -> datetime:
+    """A `timestamptz` arrives as an ISO-8601 string (io.debezium.time.ZonedTimestamp); a
+    `timestamp` as an epoch number whose unit only its schema names."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidMessage(
+                "invalid", f"data.{column}: {value[:40]!r} is not an ISO-8601 time"
+            ) from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        unit = _EPOCH_UNITS.get(str((schema or {}).get("name")))
+        if unit is None:
+            raise InvalidMessage(
+                "invalid",
+                f"data.{column}: an epoch number without a schema that names its unit "
+                "(enable value.converter.schemas.enable, or make the column timestamptz)",
+            )
+        if unit == "nanoseconds":
+            return _EPOCH + timedelta(microseconds=value // 1000)
+        return _EPOCH + timedelta(**{unit: value})
+    raise InvalidMessage("invalid", f"data.{column}: {type(value).__name__} is not a time")
+
+
+def _money(value: Any, schema: dict[str, Any] | None) -> Decimal:
+    """Exact money from `decimal.handling.mode` precise (base64 unscaled bytes) or string;
+    a number (mode double) may already be rounded, so it is refused."""
+    kind = (schema or {}).get("type")
+    if (isinstance(value, float | int) and not isinstance(value, bool)) or kind in (
+        "double",
+        "float",
+    ):
+        raise InvalidMessage(
+            "invalid",
+            "data.total: a floating-point number (decimal.handling.mode=double) may have "
+            "rounded the money; set the connector's decimal.handling.mode to precise or string",
+        )
+    if isinstance(value, dict):  # io.debezium.data.VariableScaleDecimal: {scale, value}
+        return _unscaled(value.get("value"), value.get("scale"))
+    if not isinstance(value, str):
+        raise InvalidMessage("invalid", f"data.total: {type(value).__name__} is not money")
+    if kind == "bytes" or (kind is None and "." not in value):
+        parameters = (schema or {}).get("parameters") or {}
+        return _unscaled(value, parameters.get("scale", _TOTAL_SCALE))
+    try:
+        return Decimal(value)  # decimal.handling.mode=string: BigDecimal.toPlainString()
+    except ArithmeticError:
+        raise InvalidMessage("invalid", f"data.total: {value[:40]!r} is not a decimal") from None
+
+
+def _unscaled(encoded: Any, scale: Any) -> Decimal:
+    """A Connect Decimal: big-endian two's-complement unscaled bytes, base64, and a scale."""
+    try:
+        raw = base64.b64decode(str(encoded), validate=True)
+        exponent = -int(scale)
+    except (binascii.Error, ValueError):
+        raise InvalidMessage(
+            "invalid", f"data.total: {str(encoded)[:40]!r} (scale {scale!r}) is no decimal"
+        ) from None
+    return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(exponent)
+
+
+def _key_id(key: bytes | None) -> Any:
+    """The `id` of Debezium's record key, `{"id": 42}` with or without its schema."""
+    if key is None:
+        raise InvalidMessage("bad_key", 'missing key: expected Debezium\'s {"id": N}')
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidMessage("bad_key", f"key is {len(key)} bytes, over {MAX_KEY_BYTES}")
+    _, payload = _unwrap(_parse(key, "key", 4))
+    if not isinstance(payload, dict) or "id" not in payload:
+        shown = key[:60].decode("utf-8", "replace")
+        raise InvalidMessage("bad_key", f'key {shown!r} is not Debezium\'s {{"id": N}}')
+    return payload["id"]
+
+
+def _check_key(key: bytes | None, entity_id: Any) -> None:
+    key_id = _key_id(key)
+    if key_id != entity_id or type(key_id) is not type(entity_id):
+        raise InvalidMessage(
+            "bad_key", f"key id {key_id!r} does not match the row's id {entity_id!r}"
+        )
+
+
+def _summarize(exc: ValidationError, most: int = 3) -> str:
+    """One line that names each failing field, e.g. `data.email: value is not a valid ...`."""
+    parts = []
+    for error in exc.errors()[:most]:
+        loc = [str(p) for p in error["loc"] if p not in ("upsert", "delete")]
+        parts.append(f"{'.'.join(loc) or 'envelope'}: {error['msg']}")
+    more = exc.error_count() - most
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
