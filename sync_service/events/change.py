@@ -41,6 +41,9 @@ class Change(NamedTuple):
     source: Source
     envelope: Envelope
     """The validated envelope, stored (as JSON) should the change have to wait."""
+    snapshot: bool = False
+    """A snapshot read (Debezium's `op` `r`): the row as the source held it, not a change
+    made in the source; one equal to the stored live row changes nothing."""
 
 
 class Skipped(NamedTuple):

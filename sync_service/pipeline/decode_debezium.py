@@ -1,10 +1,10 @@
 """Decode one record of Debezium's PostgreSQL connector (Kafka Connect's JSON converter,
 with or without the `schema`/`payload` wrapper) into the `Change` the native decoder yields.
 
-Invariant: a change's version is the source's WAL position of that row change
-(`source.lsn`), and a snapshot read's is 0, below every streamed change (see
-`SNAPSHOT_VERSION`); a delete never reads `before` beyond its `id`. Nothing raises out of
-`decode`: every record becomes one change, one dead letter, or a skipped tombstone.
+Invariant: a change's version is the source's WAL position (`source.lsn`: of the row
+change itself, or of the snapshot a read belongs to); a delete never reads `before` beyond
+its `id`. Nothing raises out of `decode`: every record becomes one change, one dead
+letter, or a skipped tombstone.
 """
 
 from __future__ import annotations
@@ -34,13 +34,6 @@ _TIMES = frozenset({"created_at", "updated_at"})
 _TOTAL_SCALE: Final[int] = Order.__table__.c.total.type.scale  # type: ignore[attr-defined]
 """The target column's scale: what an unscaled decimal without its schema is read with."""
 MAX_KEY_BYTES = 4096
-
-SNAPSHOT_VERSION: Final = 0
-"""A snapshot read (`op` `r`) stands for the row as it was before everything the slot
-streams afterwards, including transactions that were in flight when the snapshot was
-taken: those are streamed with an `lsn` *below* the snapshot's shared one. So a read
-ranks below every streamed change, and never overwrites a row already stored (a read of
-a stored row changes nothing and publishes nothing)."""
 
 _EVENT_IDS = uuid.UUID("6c1b2f60-8b0e-5d43-9a54-4f1f6a3d2e10")
 """The namespace of the event ids derived from a change's source position."""
@@ -109,9 +102,8 @@ def _decode(
     op = payload["op"]
     if op not in _OPS:
         raise InvalidMessage("unsupported_op", _unsupported(op, origin, payload))
-    snapshot = op == "r"
-    lsn = _position(origin, "lsn", required=not snapshot)
-    committed_ms = _position(origin, "ts_ms", required=True)
+    lsn = _position(origin, "lsn")
+    committed_ms = _position(origin, "ts_ms")
     row_schema = _row_schema(schema, "before" if op == "d" else "after")
     if op == "d":
         before = payload.get("before")
@@ -135,7 +127,7 @@ def _decode(
         "event_id": event_id,
         "entity": entity,
         "op": _OPS[op],
-        "version": SNAPSHOT_VERSION if snapshot else lsn,
+        "version": lsn,
         "occurred_at": _EPOCH + timedelta(milliseconds=committed_ms),
         "data": data,
     }
@@ -158,6 +150,7 @@ def _decode(
         row,
         source,
         valid,
+        op == "r",
     )
 
 
@@ -207,12 +200,10 @@ def _row_schema(schema: dict[str, Any] | None, field: str) -> dict[str, dict[str
     return {}
 
 
-def _position(origin: dict[str, Any], name: str, *, required: bool) -> int:
+def _position(origin: dict[str, Any], name: str) -> int:
     value = origin.get(name)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
         return value
-    if value is None and not required:
-        return 0
     raise InvalidMessage("invalid", f"source.{name}: expected an integer >= 0, got {value!r}")
 
 

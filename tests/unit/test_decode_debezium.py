@@ -27,7 +27,7 @@ from sync_service.pipeline.decode import (
     envelope_document,
 )
 from sync_service.pipeline.decode import decode as decode_native
-from sync_service.pipeline.decode_debezium import SNAPSHOT_VERSION, decode
+from sync_service.pipeline.decode_debezium import decode
 from tests.factories import delete_event, order_event, user_event
 
 LIMITS = Limits(max_bytes=1_048_576, max_depth=8, dead_letter_value_bytes=65_536)
@@ -102,11 +102,11 @@ def test_an_insert_or_update_is_the_native_upsert_at_its_lsn(
 
 
 @pytest.mark.parametrize("encoder", ENCODERS, ids=IDS)
-def test_a_snapshot_read_ranks_below_every_streamed_change(encoder: DebeziumEncoder) -> None:
+def test_a_snapshot_read_is_an_upsert_at_the_snapshots_lsn(encoder: DebeziumEncoder) -> None:
     got = change("user", encoder.encode(user_event(7, 1), lsn=LSN, tx_id=900, op="r"))
-    assert (got.op, got.version) == ("upsert", SNAPSHOT_VERSION)
-    streamed = change("user", encoder.encode(user_event(7, 1), lsn=1, tx_id=899, op="u"))
-    assert streamed.version > got.version  # even one in flight below the snapshot's LSN
+    assert (got.op, got.version, got.snapshot) == ("upsert", LSN, True)
+    streamed = change("user", encoder.encode(user_event(7, 1), lsn=LSN + 8, tx_id=901, op="u"))
+    assert (streamed.version, streamed.snapshot) == (LSN + 8, False)
 
 
 @pytest.mark.parametrize("encoder", ENCODERS, ids=IDS)
