@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Coroutine
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 import typer
@@ -191,11 +191,19 @@ def demo(
         int, typer.Option(help="How many change events to generate.", min=1)
     ] = 20_000,
     seed: Annotated[int, typer.Option(help="Seed of the generated traffic.")] = 7,
+    inbound_format: Annotated[
+        Literal["native", "debezium"] | None,
+        typer.Option(
+            "--format",
+            help="Write the traffic as native envelopes or as Debezium's PostgreSQL "
+            "change events (default: SYNC_INBOUND_FORMAT).",
+        ),
+    ] = None,
 ) -> None:
     """The whole pipeline on generated traffic, on this machine, with a live display."""
     from sync_service.ops.demo import run_demo
 
-    _run(run_demo(_settings(), events=events, seed=seed))
+    _run(run_demo(_settings(), events=events, seed=seed, inbound_format=inbound_format))
 
 
 def main() -> None:

@@ -189,3 +189,17 @@ class DebeziumEncoder:
             total = Decimal(str(row["total"])).quantize(Decimal("0.01"))
             row["total"] = unscaled(total) if self.decimals == "precise" else f"{total}"
         return row
+
+    def from_native(self, value: bytes) -> tuple[bytes, bytes] | None:
+        """A native envelope's record as the connector would have written the change, its
+        `version` standing for the WAL position (and the transaction); None for a value
+        that is no envelope (not JSON, or not an object with data, op and version): such
+        bytes stay as they are."""
+        try:
+            envelope = orjson.loads(value)
+            version = int(envelope["version"])
+            if envelope["entity"] not in _TABLES or envelope["op"] not in ("upsert", "delete"):
+                return None
+            return self.encode(envelope, lsn=version, tx_id=version)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, ArithmeticError):
+            return None

@@ -287,7 +287,8 @@ async def test_the_target_mirrors_a_source_read_by_the_real_debezium_connector(
                 async def streaming_flushed() -> bool:
                     # The connector has stored a position of its stream (not only of its
                     # snapshot): killed now, it resumes there and re-sends what followed.
-                    return b"lsn_proc" in (state / "connect.offsets").read_bytes()
+                    offsets = state / "connect.offsets"
+                    return offsets.exists() and b"lsn_proc" in offsets.read_bytes()
 
                 await wait_until(streaming_flushed, within=60, what="a streaming offset")
                 await connect.restart()  # kill -9, and start again from its offsets file

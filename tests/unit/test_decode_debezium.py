@@ -403,3 +403,21 @@ def test_decode_never_raises_on_a_mangled_event(
     for field, value in (("source", source), ("after", after), ("before", before)):
         mangled = edit(record, lambda p, f=field, v=value: p.update({f: v, "op": op}))
         assert isinstance(run("user", *mangled), Change | DeadLetter | Skipped)
+
+
+def test_a_native_envelope_written_as_the_connector_would_decodes_to_the_same_change() -> None:
+    encoder = DebeziumEncoder(schemas=False)
+    for envelope, entity in [
+        (order_event(8, 7, 12), "order"),
+        (delete_event("user", 7, 13), "user"),
+    ]:
+        record = encoder.from_native(orjson.dumps(envelope))
+        assert record is not None
+        got = change(entity, record)  # type: ignore[arg-type]
+        assert (got.id, got.version, got.op) == (
+            envelope["data"]["id"],
+            envelope["version"],
+            envelope["op"],
+        )
+    assert encoder.from_native(b"\x00not json") is None
+    assert encoder.from_native(b'{"entity": "user"}') is None
