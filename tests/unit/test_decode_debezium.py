@@ -380,7 +380,11 @@ def test_unknown_sync_variables_are_named() -> None:
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(alphabet='[]{}"\\ab', max_size=8)
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
     ),
@@ -421,3 +425,20 @@ def test_a_native_envelope_written_as_the_connector_would_decodes_to_the_same_ch
         )
     assert encoder.from_native(b"\x00not json") is None
     assert encoder.from_native(b'{"entity": "user"}') is None
+
+
+def _depth(node: Any) -> int:
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+    if children is None:
+        return 0
+    return 1 + max((_depth(c) for c in children), default=0)
+
+
+@given(document=JSON, limit=st.integers(1, 6))
+def test_the_depth_check_on_the_raw_bytes_agrees_with_the_parsed_tree(
+    document: Any, limit: int
+) -> None:
+    from sync_service.pipeline.decode_debezium import _deeper_than
+
+    raw = orjson.dumps(document)
+    assert _deeper_than(raw, limit) == (_depth(document) > limit)
