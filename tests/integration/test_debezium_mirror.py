@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +43,7 @@ from tests.integration.relay_helpers import Downstream, Published, create_out_to
 
 WORKERS = 4
 SEED_USERS, SEED_ORDERS = 8, 12  # per worker, before the connector starts
-TRANSACTIONS = 45  # per worker, after the snapshot
+TRANSACTIONS = 60  # per worker, after the snapshot (and a third more after the restart)
 USER_COLUMNS = ("id", "email", "name", "active", "country", "created_at", "updated_at")
 ORDER_COLUMNS = ("id", "user_id", "total", "currency", "status", "created_at", "updated_at")
 Key = tuple[str, int]  # (entity, id)
@@ -112,7 +113,7 @@ class Worker:
             async with self.engine.begin() as connection:
                 await self._transaction(connection)
             done.append(1)
-            await asyncio.sleep(self.rng.random() * 0.1)
+            await asyncio.sleep(self.rng.random() * 0.15)
 
     async def _transaction(self, connection: AsyncConnection) -> None:
         rng = self.rng
@@ -291,6 +292,9 @@ async def test_the_target_mirrors_a_source_read_by_the_real_debezium_connector(
                     return offsets.exists() and b"lsn_proc" in offsets.read_bytes()
 
                 await wait_until(streaming_flushed, within=60, what="a streaming offset")
+                # Half-way to the next flush (every 2 s): a second of changes to re-send.
+                flushed = (state / "connect.offsets").stat().st_mtime
+                await asyncio.sleep(max(0.0, flushed + 1.0 - time.time()))
                 await connect.restart()  # kill -9, and start again from its offsets file
                 await work
                 await asyncio.gather(*(w.run(TRANSACTIONS // 3, done) for w in workers))
