@@ -127,7 +127,7 @@ class SourceDatabase:
 @asynccontextmanager
 async def source_database(server_url: str, tag: str) -> AsyncIterator[SourceDatabase]:
     """A new source database with the tables and the publication; on the way out, the
-    connector's slot, the publication and the database are dropped."""
+    connectors' slots on it and the database (with its publication) are dropped."""
     server = make_url(server_url)
     suffix = uuid.uuid4().hex[:8]
     name = f"{tag}_src_{suffix}"
@@ -152,18 +152,19 @@ async def source_database(server_url: str, tag: str) -> AsyncIterator[SourceData
     finally:
         await engine.dispose()
         async with admin.connect() as connection:
-            for _ in range(100):  # the slot is busy until the connector's session ends
-                busy = await connection.execute(
-                    text("SELECT active FROM pg_replication_slots WHERE slot_name = :s"),
-                    {"s": source.slot},
-                )
-                state = busy.scalar()
-                if state is None:
-                    break
-                if not state:
-                    await connection.execute(
-                        text("SELECT pg_drop_replication_slot(:s)"), {"s": source.slot}
-                    )
+            for _ in range(100):  # a slot is busy until its connector's session ends
+                slots = await connection.execute(
+                    text("SELECT slot_name, active FROM pg_replication_slots"
+                         " WHERE database = :d"),
+                    {"d": name},
+                )  # fmt: skip
+                found = slots.all()
+                for slot, active in found:
+                    if not active:
+                        await connection.execute(
+                            text("SELECT pg_drop_replication_slot(:s)"), {"s": slot}
+                        )
+                if not any(active for _, active in found):
                     break
                 await asyncio.sleep(0.1)
             await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
