@@ -104,20 +104,22 @@ def _decode(
         raise InvalidMessage("unsupported_op", _unsupported(op, origin, payload))
     lsn = _position(origin, "lsn")
     committed_ms = _position(origin, "ts_ms")
-    row_schema = _row_schema(schema, "before" if op == "d" else "after")
     if op == "d":
         before = payload.get("before")
         # Only `id` of a delete's `before` is real: with the default replica identity the
         # other NOT NULL columns are filler (0, "", the epoch).
-        entity_id = before["id"] if isinstance(before, dict) and "id" in before else _key_id(key)
+        if isinstance(before, dict) and "id" in before:
+            entity_id = before["id"]
+        else:
+            entity_id = _key_id(key, limits.max_depth)
         data: dict[str, Any] = {"id": entity_id}
     else:
         after = payload.get("after")
         if not isinstance(after, dict):
             raise InvalidMessage("invalid", f"op {op!r} without an `after` row")
-        data = _row(entity, after, row_schema)
+        data = _row(entity, after, _row_schema(schema, "after"))
         entity_id = data.get("id")
-    _check_key(key, entity_id)
+    _check_key(key, entity_id, limits.max_depth)
     event_id = uuid.uuid5(
         _EVENT_IDS,
         f"{origin.get('db')}/{origin.get('schema')}.{origin.get('table')}/{entity_id}/{op}"
@@ -308,21 +310,21 @@ def _unscaled(encoded: Any, scale: Any) -> Decimal:
     return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(exponent)
 
 
-def _key_id(key: bytes | None) -> Any:
+def _key_id(key: bytes | None, max_depth: int) -> Any:
     """The `id` of Debezium's record key, `{"id": 42}` with or without its schema."""
     if key is None:
         raise InvalidMessage("bad_key", 'missing key: expected Debezium\'s {"id": N}')
     if len(key) > MAX_KEY_BYTES:
         raise InvalidMessage("bad_key", f"key is {len(key)} bytes, over {MAX_KEY_BYTES}")
-    _, payload = _unwrap(_parse(key, "key", 4))
+    _, payload = _unwrap(_parse(key, "key", max_depth))
     if not isinstance(payload, dict) or "id" not in payload:
         shown = key[:60].decode("utf-8", "replace")
         raise InvalidMessage("bad_key", f'key {shown!r} is not Debezium\'s {{"id": N}}')
     return payload["id"]
 
 
-def _check_key(key: bytes | None, entity_id: Any) -> None:
-    key_id = _key_id(key)
+def _check_key(key: bytes | None, entity_id: Any, max_depth: int) -> None:
+    key_id = _key_id(key, max_depth)
     if key_id != entity_id or type(key_id) is not type(entity_id):
         raise InvalidMessage(
             "bad_key", f"key id {key_id!r} does not match the row's id {entity_id!r}"

@@ -442,3 +442,11 @@ def test_the_depth_check_on_the_raw_bytes_agrees_with_the_parsed_tree(
 
     raw = orjson.dumps(document)
     assert _deeper_than(raw, limit) == (_depth(document) > limit)
+
+
+def test_a_key_with_a_richer_schema_is_read_within_the_depth_cap() -> None:
+    key, value = DebeziumEncoder().encode(user_event(7, 1), lsn=LSN, tx_id=1)
+    document = orjson.loads(key)
+    document["schema"]["fields"][0]["parameters"] = {"__debezium.source.column.type": "INT8"}
+    got = change("user", (orjson.dumps(document), value))
+    assert got.id == 7
