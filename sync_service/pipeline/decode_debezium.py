@@ -80,8 +80,7 @@ def _decode(
         raise InvalidMessage(
             "oversized", f"value is {len(value)} bytes, over the {limits.max_bytes}-byte limit"
         )
-    document = _parse(value, "value", limits.max_depth)
-    schema, payload = _unwrap(document)
+    payload, columns = _payload_and_columns(value, limits.max_depth)
     if payload is None:
         return Skipped(source, "tombstone")  # a tombstone written with its (null) schema
     if not isinstance(payload, dict) or "op" not in payload:
@@ -117,7 +116,7 @@ def _decode(
         after = payload.get("after")
         if not isinstance(after, dict):
             raise InvalidMessage("invalid", f"op {op!r} without an `after` row")
-        data = _row(entity, after, _row_schema(schema, "after"))
+        data = _row(entity, after, columns)
         entity_id = data.get("id")
     _check_key(key, entity_id, limits.max_depth)
     event_id = uuid.uuid5(
@@ -156,6 +155,54 @@ def _decode(
     )
 
 
+def _payload_and_columns(value: bytes, max_depth: int) -> tuple[Any, Columns]:
+    """The payload of `value` and the schemas of `after`'s columns (none without schemas).
+    A value whose schema's bytes were seen before has only its payload parsed."""
+    split = _split(value)
+    if split is not None and (known := _KNOWN_SCHEMAS.get(split[0])) is not None:
+        schema_depth, columns = known
+        try:
+            payload = orjson.loads(split[1])
+        except orjson.JSONDecodeError:
+            pass  # not the converter's shape after all: read it whole below
+        else:
+            if 1 + max(schema_depth, _depth(split[1], max_depth)) > max_depth:
+                raise _too_deep("value", max_depth)
+            return payload, columns
+    schema, payload = _unwrap(_parse(value, "value", max_depth))
+    columns = _row_schema(schema, "after")
+    if split is not None and schema is not None and _same(split[0], schema):
+        if len(_KNOWN_SCHEMAS) >= MAX_KNOWN_SCHEMAS:
+            _KNOWN_SCHEMAS.clear()
+        _KNOWN_SCHEMAS[split[0]] = (_depth(split[0], max_depth), columns)
+    return payload, columns
+
+
+Columns = dict[str, dict[str, Any]]
+_KNOWN_SCHEMAS: dict[bytes, tuple[int, Columns]] = {}
+"""Value schemas seen before, by their exact bytes, with their depth and `after`'s columns:
+the JSON converter writes the same schema bytes for every change of a table, so a schema
+is parsed and measured once, not with every change (it is ~3 KB of a ~3.5 KB value)."""
+MAX_KNOWN_SCHEMAS = 256
+
+
+def _split(value: bytes) -> tuple[bytes, bytes] | None:
+    """The schema's and the payload's bytes of `{"schema":...,"payload":...}` as the JSON
+    converter writes it, or None. The schema's bytes are only trusted once they parsed to
+    the schema of a whole value (`_same`): then they end where `,"payload":` starts."""
+    if not value.startswith(b'{"schema":') or not value.endswith(b"}"):
+        return None
+    at = value.find(b',"payload":')
+    return None if at < 0 else (value[10:at], value[at + 11 : -1])
+
+
+def _same(raw: bytes, schema: dict[str, Any]) -> bool:
+    try:
+        return bool(orjson.loads(raw) == schema)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def _parse(raw: bytes, what: str, max_depth: int) -> Any:
     """`raw` as strict JSON (orjson: integers exact to 2^64, no NaN), no deeper than allowed."""
     try:
@@ -163,30 +210,32 @@ def _parse(raw: bytes, what: str, max_depth: int) -> Any:
     except orjson.JSONDecodeError as exc:
         kind = "not_json" if what == "value" else "bad_key"
         raise InvalidMessage(kind, f"{what} is not UTF-8 JSON: {exc}") from None
-    if _deeper_than(raw, max_depth):
-        raise InvalidMessage("too_deep", f"JSON {what} nests deeper than {max_depth} levels")
+    if _depth(raw, max_depth) > max_depth:
+        raise _too_deep(what, max_depth)
     return document
+
+
+def _too_deep(what: str, max_depth: int) -> InvalidMessage:
+    return InvalidMessage("too_deep", f"JSON {what} nests deeper than {max_depth} levels")
 
 
 _SHAPE = bytes.maketrans(b"[]", b"{}")  # depth does not care which kind of container
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
 
 
-def _deeper_than(raw: bytes, limit: int) -> bool:
-    """True when the JSON document `raw` (already parsed, so well formed) nests containers
-    deeper than `limit` (the document itself is level 1), at C speed: without its escaped
-    backslashes and quotes, the text between every other `"` is outside the strings; of
-    that only the brackets are kept, and each round removes the containers left empty, so
-    the rounds are the depth."""
+def _depth(raw: bytes, most: int) -> int:
+    """How deep the JSON text `raw` (well formed) nests containers (a document that is one
+    is level 1), counted up to `most + 1`. At C speed: without its escaped backslashes and
+    quotes, the text between every other `"` is outside the strings; of that only the
+    brackets are kept, and each round removes the containers left empty, so the rounds are
+    the depth."""
     unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     shape = b"".join(unescaped.split(b'"')[::2]).translate(_SHAPE, _NOT_BRACKETS)
     depth = 0
-    while shape:
+    while shape and depth <= most:
         depth += 1
-        if depth > limit:
-            return True
         shape = shape.replace(b"{}", b"")
-    return False
+    return depth
 
 
 def _unwrap(document: Any) -> tuple[dict[str, Any] | None, Any]:
@@ -197,7 +246,7 @@ def _unwrap(document: Any) -> tuple[dict[str, Any] | None, Any]:
     return None, document
 
 
-def _row_schema(schema: dict[str, Any] | None, field: str) -> dict[str, dict[str, Any]]:
+def _row_schema(schema: dict[str, Any] | None, field: str) -> Columns:
     """The schema of each column of the envelope's `before` or `after`, by name."""
     if schema is None:
         return {}

@@ -427,21 +427,21 @@ def test_a_native_envelope_written_as_the_connector_would_decodes_to_the_same_ch
     assert encoder.from_native(b'{"entity": "user"}') is None
 
 
-def _depth(node: Any) -> int:
+def _tree_depth(node: Any) -> int:
     children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
     if children is None:
         return 0
-    return 1 + max((_depth(c) for c in children), default=0)
+    return 1 + max((_tree_depth(c) for c in children), default=0)
 
 
 @given(document=JSON, limit=st.integers(1, 6))
 def test_the_depth_check_on_the_raw_bytes_agrees_with_the_parsed_tree(
     document: Any, limit: int
 ) -> None:
-    from sync_service.pipeline.decode_debezium import _deeper_than
+    from sync_service.pipeline.decode_debezium import _depth
 
     raw = orjson.dumps(document)
-    assert _deeper_than(raw, limit) == (_depth(document) > limit)
+    assert (_depth(raw, limit) > limit) == (_tree_depth(document) > limit)
 
 
 def test_a_key_with_a_richer_schema_is_read_within_the_depth_cap() -> None:
@@ -450,3 +450,33 @@ def test_a_key_with_a_richer_schema_is_read_within_the_depth_cap() -> None:
     document["schema"]["fields"][0]["parameters"] = {"__debezium.source.column.type": "INT8"}
     got = change("user", (orjson.dumps(document), value))
     assert got.id == 7
+
+
+def test_a_known_schema_decodes_as_a_new_one_does() -> None:
+    """Values whose schema's bytes were seen before have only their payload parsed; the
+    outcome is the same as reading them whole."""
+    from sync_service.pipeline import decode_debezium
+
+    encoder = DebeziumEncoder()
+    records = [
+        encoder.encode(order_event(8, 7, 1), lsn=LSN, tx_id=1),
+        encoder.encode(order_event(9, 7, 1, total="0.01"), lsn=LSN + 1, tx_id=1),
+        encoder.encode(delete_event("order", 8, 2), lsn=LSN + 2, tx_id=2),
+    ]
+    key, value = records[0]
+    bent = value[:-1] + b',"extra":1}'  # not the converter's shape: read whole
+    schema_at = value.index(b'"parameters":{') + len(b'"parameters":{')
+    forged = value[:schema_at] + b'"x":"y","payload":"z",' + value[schema_at:]
+    records += [(key, bent), (key, forged)]
+    decode_debezium._KNOWN_SCHEMAS.clear()
+    first = [run("order", *r) for r in records]
+    assert decode_debezium._KNOWN_SCHEMAS  # the order schema is known now
+    again = [run("order", *r) for r in records]
+    assert again == first
+    assert [type(r).__name__ for r in first] == [
+        "Change",
+        "Change",
+        "Change",
+        "DeadLetter",
+        "Change",
+    ]
