@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Coroutine
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 import typer
 from pydantic import ValidationError
 
-from sync_service.config import Settings, get_settings
+from sync_service.config import Settings, get_settings, unknown_variables
 from sync_service.errors import UserError
 from sync_service.observability.logging import configure as configure_logging
 from sync_service.observability.redact import redact, secrets_of
@@ -64,6 +65,8 @@ def _settings() -> Settings:
         secrets=secrets_of(settings),
         outage_summary_s=settings.log_outage_summary_s,
     )
+    for name in unknown_variables(os.environ):
+        log.warning("%s is set but no setting reads it (misspelt?): it is ignored", name)
     return settings
 
 
@@ -338,11 +341,19 @@ def demo(
         int, typer.Option(help="How many change events to generate.", min=1)
     ] = 20_000,
     seed: Annotated[int, typer.Option(help="Seed of the generated traffic.")] = 7,
+    inbound_format: Annotated[
+        Literal["native", "debezium"] | None,
+        typer.Option(
+            "--format",
+            help="Write the traffic as native envelopes or as Debezium's PostgreSQL "
+            "change events (default: SYNC_INBOUND_FORMAT).",
+        ),
+    ] = None,
 ) -> None:
     """The whole pipeline on generated traffic, on this machine, with a live display."""
     from sync_service.ops.demo import run_demo
 
-    _run(run_demo(_settings(), events=events, seed=seed))
+    _run(run_demo(_settings(), events=events, seed=seed, inbound_format=inbound_format))
 
 
 def main() -> None:

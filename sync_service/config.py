@@ -5,7 +5,7 @@ Every knob an operator may turn lives here, with the contract's defaults.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     group_id: str = "sync-service"
     users_topic: str = "cdc.users"
     orders_topic: str = "cdc.orders"
+    inbound_format: Literal["native", "debezium"] = "native"
+    """What the inbound topics carry: the native envelope, or Debezium's PostgreSQL
+    change events through Kafka Connect's JSON converter (CONTRACT section 1b)."""
     # Kafka, outbound (CONTRACT section 4).
     out_users_topic: str = "sync.users"
     out_orders_topic: str = "sync.orders"
@@ -91,6 +94,14 @@ class Settings(BaseSettings):
 
         for name, value in super().__repr_args__():
             yield name, shown(name, value) if name is not None else value
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The `SYNC_*` names in `environ` that no setting reads: a misspelt one would
+    otherwise be ignored without a word."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    known = {prefix + name.upper() for name in Settings.model_fields}
+    return sorted(n for n in environ if n.upper().startswith(prefix) and n.upper() not in known)
 
 
 @lru_cache(maxsize=1)

@@ -194,8 +194,11 @@ class ConnectWorker:
         port: int | None = None,
         heap: str = "1g",
         java: str = "java",
+        overrides: dict[str, str] | None = None,
     ) -> None:
         self.layout = layout
+        self.overrides = overrides or {}
+        """Worker properties over `worker_properties`'s."""
         self.port = port or free_port()
         self.bootstrap = bootstrap
         self.heap = heap
@@ -210,15 +213,16 @@ class ConnectWorker:
     def log(self) -> Path:
         return self.layout.state / "connect.log"
 
-    def start(self, timeout: float = 180.0) -> float:
-        """Start the JVM and wait until its REST API answers; return the seconds it took."""
+    def start(self, timeout: float = 180.0, *, keep_offsets: bool = False) -> float:
+        """Start the JVM and wait until its REST API answers; return the seconds it took.
+        With `keep_offsets`, source connectors resume from the offsets of the last run."""
         state = self.layout.state
         state.mkdir(parents=True, exist_ok=True)
-        (state / "connect.offsets").unlink(missing_ok=True)
+        if not keep_offsets:
+            (state / "connect.offsets").unlink(missing_ok=True)
         properties = state / "worker.properties"
-        _write_properties(
-            properties, worker_properties(self.layout, bootstrap=self.bootstrap, port=self.port)
-        )
+        values = worker_properties(self.layout, bootstrap=self.bootstrap, port=self.port)
+        _write_properties(properties, values | self.overrides)
         log4j = state / "log4j.properties"
         log4j.write_text(_LOG4J.format(log=self.log))
         command = [
@@ -266,6 +270,14 @@ class ConnectWorker:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        (self.layout.state / "connect.pid").unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL our JVM, as a crash would end it: nothing is flushed on the way out."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
         (self.layout.state / "connect.pid").unlink(missing_ok=True)
 
     def peak_rss_bytes(self) -> int | None:

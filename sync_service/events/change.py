@@ -19,9 +19,11 @@ if TYPE_CHECKING:
 Entity = Literal["user", "order"]
 Op = Literal["upsert", "delete"]
 DeadLetterKind = Literal[
-    "empty", "oversized", "too_deep", "not_json", "invalid", "wrong_entity", "bad_key"
-]
-"""What is wrong with a dead letter, as contracts/README.md lists the kinds."""
+    "empty", "oversized", "too_deep", "not_json", "invalid", "wrong_entity", "bad_key",
+    "unsupported_op", "unsupported_source",
+]  # fmt: skip
+"""What is wrong with a dead letter, as contracts/README.md lists the kinds (the last two
+only in the Debezium input)."""
 
 
 class Source(NamedTuple):
@@ -45,6 +47,17 @@ class Change(NamedTuple):
     source: Source
     envelope: Envelope
     """The validated envelope, stored (as JSON) should the change have to wait."""
+    snapshot: bool = False
+    """A snapshot read (Debezium's `op` `r`): the row as the source held it, not a change
+    made in the source; one equal to the stored live row changes nothing."""
+
+
+class Skipped(NamedTuple):
+    """A record that holds no change by design (a tombstone after a delete): only its
+    position advances."""
+
+    source: Source
+    kind: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,11 @@ WAITED = Counter(
 DEAD_LETTERED = Counter(
     "sync_dead_letters_total", "Records kept in the dead-letter store.", ["topic", "kind"]
 )
+SKIPPED = Counter(
+    "sync_records_skipped_total",
+    "Records that hold no change by design (Debezium's tombstones), skipped.",
+    ["topic", "kind"],
+)
 BATCH_SIZE = Histogram(
     "sync_batch_records",
     "Records per written batch.",

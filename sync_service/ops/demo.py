@@ -33,6 +33,7 @@ from sync_service.config import Settings
 from sync_service.db.models import ConsumerOffset, DeadLetterRow, Order, OutboxEvent, User
 from sync_service.db.models import PendingChange as Pending
 from sync_service.errors import UserError
+from sync_service.events.debezium import DebeziumEncoder
 from sync_service.kafka import ensure_topics
 from sync_service.observability import metrics
 from sync_service.ops.traffic import ExpectedState, Traffic, table_checksum
@@ -107,11 +108,20 @@ class DemoSummary:
 
 
 async def run_demo(
-    settings: Settings, *, events: int, seed: int, console: Console | None = None
+    settings: Settings,
+    *,
+    events: int,
+    seed: int,
+    console: Console | None = None,
+    inbound_format: Literal["native", "debezium"] | None = None,
 ) -> DemoSummary:
     """Produce `events` generated changes, run the service on them until all are applied
-    (or Ctrl-C), print a summary, and raise a `UserError` if the target is not right."""
+    (or Ctrl-C), print a summary, and raise a `UserError` if the target is not right.
+    With `inbound_format="debezium"` the changes are written as Debezium's PostgreSQL
+    connector writes them, and the service reads them so."""
     console = console or Console()
+    if inbound_format is not None:
+        settings = settings.model_copy(update={"inbound_format": inbound_format})
     run = _Run.new(settings)
     engine = await connect(run.settings)
     try:
@@ -197,11 +207,19 @@ async def _produce(run: _Run, traffic: Traffic, events: int, production: _Produc
         linger_ms=10,
         max_batch_size=256 * 1024,
     )
+    encoder = DebeziumEncoder(prefix=f"demo.{run.name}")
+    debezium = run.settings.inbound_format == "debezium"
     await producer.start()
     try:
         for i, event in enumerate(traffic.events(events)):
+            key, value = event.key, event.value
+            if debezium:  # the same change, as the connector would have written it
+                key, value = encoder.from_native(value) or (
+                    encoder.key(event.entity, event.id),
+                    value,
+                )
             future = await producer.send(
-                topics[event.entity], event.value, key=event.key, partition=event.partition
+                topics[event.entity], value, key=key, partition=event.partition
             )
             future.add_done_callback(production.record)
             if i % 1_000 == 999:

@@ -31,10 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionma
 from sync_service.config import Settings
 from sync_service.db.models import ConsumerOffset, DeadLetterRow
 from sync_service.errors import UserError
-from sync_service.events.change import Change, Entity
+from sync_service.events.change import Change, DeadLetter, Entity
 from sync_service.ops import audit
 from sync_service.pipeline.batch import Batch, TopicPartition
-from sync_service.pipeline.decode import Limits, decode
+from sync_service.pipeline.decode import Limits, decoder_for
 from sync_service.pipeline.write import BatchWriter, Fenced
 from sync_service.retry import Backoff, describe, is_transient
 from sync_service.service import connect
@@ -382,6 +382,7 @@ async def _require_known(connection: AsyncConnection, ids: list[int]) -> None:
 def _decode_again(settings: Settings, letters: list[DeadLetterView]) -> _Outcomes:
     entities: dict[str, Entity] = {settings.users_topic: "user", settings.orders_topic: "order"}
     limits = Limits.of(settings)
+    decode = decoder_for(settings.inbound_format)
     outcomes = _Outcomes([], [], {})
     for letter in letters:
         kept = len(letter.value or b"")
@@ -415,8 +416,10 @@ def _decode_again(settings: Settings, letters: list[DeadLetterView]) -> _Outcome
             if isinstance(decoded, Change):
                 outcomes.applied.append(letter.id)
                 outcomes.changes.append(decoded)
-            else:
+            elif isinstance(decoded, DeadLetter):
                 outcomes.rejected[letter.id] = f"still invalid: {decoded.reason}"
+            else:
+                outcomes.rejected[letter.id] = f"holds no change ({decoded.kind}): purge it"
     return outcomes
 
 

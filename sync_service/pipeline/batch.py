@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sync_service.events.change import Change, DeadLetter
+from sync_service.events.change import Change, DeadLetter, Skipped
 
 TopicPartition = tuple[str, int]
 
@@ -19,13 +19,15 @@ class Batch:
 
     changes: list[Change] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    """Records that hold no change (tombstones): they only move the positions."""
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
     opened_at: float = 0.0
     sweep: bool = False
     """Also retry the oldest waiting changes of the owned partitions."""
 
     def __len__(self) -> int:
-        return len(self.changes) + len(self.dead)
+        return len(self.changes) + len(self.dead) + len(self.skipped)
 
 
 class BatchBuilder:
@@ -36,15 +38,17 @@ class BatchBuilder:
         self._max_wait_s = max_wait_s
         self._batch = Batch()
 
-    def add(self, item: Change | DeadLetter, now: float) -> None:
+    def add(self, item: Change | DeadLetter | Skipped, now: float) -> None:
         # Runs once per consumed record: locals, no `len(batch)` or `max()` calls.
         batch = self._batch
-        if not batch.changes and not batch.dead:
+        if not batch.changes and not batch.dead and not batch.skipped:
             batch.opened_at = now
         if isinstance(item, Change):
             batch.changes.append(item)
-        else:
+        elif isinstance(item, DeadLetter):
             batch.dead.append(item)
+        else:
+            batch.skipped.append(item)
         topic, partition, offset = item.source
         tp = (topic, partition)
         offsets = batch.next_offsets
@@ -69,7 +73,7 @@ class BatchBuilder:
     def drop(self, partitions: set[TopicPartition]) -> None:
         """Forget buffered records of partitions this consumer no longer owns."""
         kept = self.take()
-        items: list[Change | DeadLetter] = [*kept.changes, *kept.dead]
+        items: list[Change | DeadLetter | Skipped] = [*kept.changes, *kept.dead, *kept.skipped]
         for item in items:
             if (item.source.topic, item.source.partition) not in partitions:
                 self.add(item, kept.opened_at)

@@ -30,7 +30,7 @@ from sync_service.observability import metrics, outages
 from sync_service.observability.logging import OffsetRange
 from sync_service.pipeline.align import Aligner
 from sync_service.pipeline.batch import Batch, BatchBuilder
-from sync_service.pipeline.decode import Limits, decode
+from sync_service.pipeline.decode import Limits, decoder_for
 from sync_service.pipeline.guard import Trip
 from sync_service.pipeline.write import BatchWriter, Fenced, WriteResult
 from sync_service.retry import Backoff, describe, is_transient, retrying
@@ -74,6 +74,7 @@ class ChangeConsumer:
             settings.orders_topic: "order",
         }
         self._limits = Limits.of(settings)
+        self._decode = decoder_for(settings.inbound_format)
         self._builder = BatchBuilder(settings.batch_max_events, settings.batch_max_wait_ms / 1000)
         self._expected: dict[TP, int | None] = {}
         """Owned partitions and the position this consumer believes is stored for each."""
@@ -161,7 +162,7 @@ class ChangeConsumer:
             released = self._aligner.release(min(room, DECODE_SLICE), behind, now)
             self._sliced = len(released) == DECODE_SLICE
             for (topic, partition), record in released:
-                decoded = decode(
+                decoded = self._decode(
                     entity=self._entities[topic],
                     topic=topic,
                     partition=partition,
@@ -349,6 +350,8 @@ class ChangeConsumer:
                     "offset": dead.source.offset, "kind": dead.kind, "reason": dead.reason,
                 },
             )  # fmt: skip
+        for skipped in batch.skipped:
+            metrics.SKIPPED.labels(skipped.source.topic, skipped.kind).inc()
 
     def _mirror(self, next_offsets: dict[TP, int]) -> None:
         """Mirror stored positions into Kafka's group offsets, for lag tools only, beside

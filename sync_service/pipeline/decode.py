@@ -11,12 +11,19 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from sync_service.events.change import Change, DeadLetter, DeadLetterKind, Entity, Source
+from sync_service.events.change import (
+    Change,
+    DeadLetter,
+    DeadLetterKind,
+    Entity,
+    Skipped,
+    Source,
+)
 from sync_service.events.inbound import MONEY, ORDER_ENVELOPE, USER_ENVELOPE, Envelope
 
 if TYPE_CHECKING:
@@ -68,17 +75,22 @@ def decode(
     try:
         return _decode(entity, source, key, value, limits)
     except InvalidMessage as exc:
-        size = len(value) if value is not None else 0
-        kept = value[: limits.dead_letter_value_bytes] if value is not None else None
-        return DeadLetter(
-            source,
-            key[: limits.dead_letter_key_bytes] if key is not None else None,
-            kept,
-            size,
-            exc.kind,
-            str(exc),
-            key_size=len(key) if key is not None else 0,
-        )
+        return dead_letter(source, key, value, limits, exc)
+
+
+def dead_letter(
+    source: Source, key: bytes | None, value: bytes | None, limits: Limits, exc: InvalidMessage
+) -> DeadLetter:
+    """The record kept as a dead letter: key and value capped, their full sizes noted."""
+    return DeadLetter(
+        source,
+        key[: limits.dead_letter_key_bytes] if key is not None else None,
+        value[: limits.dead_letter_value_bytes] if value is not None else None,
+        len(value) if value is not None else 0,
+        exc.kind,
+        str(exc),
+        key_size=len(key) if key is not None else 0,
+    )
 
 
 def _decode(
@@ -285,3 +297,29 @@ def _summarize(exc: ValidationError, most: int = 3) -> str:
             parts.append(f"{'.'.join(loc) or 'envelope'}: {error['msg']}")
     more = exc.error_count() - most
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+class Decoder(Protocol):
+    """What turns one record of an inbound topic into a change, a dead letter, or (for a
+    record that holds no change by design) a skip."""
+
+    def __call__(
+        self,
+        *,
+        entity: Entity,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        limits: Limits,
+    ) -> Change | DeadLetter | Skipped: ...
+
+
+def decoder_for(inbound_format: str) -> Decoder:
+    """The decoder of `SYNC_INBOUND_FORMAT`, chosen once wherever records are decoded."""
+    if inbound_format == "debezium":
+        from sync_service.pipeline.decode_debezium import decode as decode_debezium
+
+        return decode_debezium
+    return decode

@@ -130,9 +130,10 @@ def plan(
         stored_rows, entity_chains = stored[entity], chains[entity]
         for entity_id, changes in grouped.items():
             prior = stored_rows.get(entity_id)
-            if len(changes) == 1 and (data := changes[0].row) is not None:
+            first = changes[0]
+            if len(changes) == 1 and (data := first.row) is not None and not first.snapshot:
                 # The common case, inline: one upsert (newer than the stored row, or stale).
-                version = changes[0].version
+                version = first.version
                 if prior is None or version > prior["version"]:
                     row = {**data, "version": version, "deleted_at": None}
                     entity_chains[entity_id] = _Chain(changes, [row])
@@ -186,12 +187,18 @@ def _chain(
     """Order an entity's changes by version, set stale ones aside, and compute the row
     after each of the rest (a delete keeps the last known columns and sets deleted_at)."""
     stored_version = prior["version"] if prior is not None else -1
-    if len(changes) == 1 and changes[0].version > stored_version:  # the common case
-        live = changes
+    first = changes[0]
+    if len(changes) == 1 and first.version > stored_version and not first.snapshot:
+        live = changes  # the common case
     else:
         live = []
         last = stored_version
         for change in sorted(changes, key=_version):  # stable: the first copy comes first
+            if change.snapshot and _unchanged(entity, change, live[-1].row if live else prior):
+                result.stale.append(change)  # a snapshot read of the row as it is stored
+                if _pkey(change) in pending_keys:
+                    result.unpend.append(_pkey(change))
+                continue
             if change.version <= last:
                 result.stale.append(change)
                 # A waiting change overtaken by the stored row is done; a copy of one that
@@ -215,6 +222,14 @@ def _chain(
         after.append(row)
         previous = row
     return _Chain(live, after)
+
+
+def _unchanged(entity: Entity, change: Change, before: Row | None) -> bool:
+    """True when `change` would leave the live row `before` as it is."""
+    if before is None or change.row is None or before.get("deleted_at") is not None:
+        return False
+    row = change.row
+    return all(row.get(c) == before.get(c) for c in COLUMNS[entity][:-2])  # not version...
 
 
 def _settle_emails(

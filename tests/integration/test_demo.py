@@ -134,3 +134,21 @@ async def test_the_checksum_of_the_tables_agrees_with_canonical_rows(engine: Asy
         [canonical_row("order", orders[0])],
     )
     assert await table_checksum(engine, (2, 5)) != expected
+
+
+async def test_the_demo_in_debezium_format_ends_in_the_expected_state(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """The same traffic written as Debezium's PostgreSQL connector writes it, read by the
+    service with SYNC_INBOUND_FORMAT=debezium, ends in the same state."""
+    console = Console(file=io.StringIO(), width=120)
+    summary = await run_demo(
+        settings, events=2_000, seed=SEED, console=console, inbound_format="debezium"
+    )
+    expected = summary.expected
+    assert expected is not None
+    assert (summary.outcome, summary.problems) == ("done", [])
+    low, high = expected.id_range
+    assert await table_checksum(engine, (low, high)) == expected.checksum()
+    assert summary.figures.dead_letters == expected.dead_letters > 0
+    assert await scalar(engine, "SELECT count(*) FROM pending_changes") == 0

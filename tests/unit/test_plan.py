@@ -295,3 +295,34 @@ def test_every_waiting_version_applies_when_they_waited_for_different_users() ->
     assert target.tables["user"][3]["email"] == "four@example.com"
     outbox = [pending_key(c) for c, _ in target.outbox]
     assert [v for entity, i, v in outbox if (entity, i) == ("user", 3)] == [2, 5]
+
+
+# --- snapshot reads (Debezium's op r) ---------------------------------------------------
+
+
+def read(change: Change) -> Change:
+    """`change` as a snapshot read: the row as the source held it at its version."""
+    return change._replace(snapshot=True)
+
+
+def test_a_snapshot_read_of_the_row_as_stored_changes_nothing() -> None:
+    held = row(user(7, 5))
+    result = plan([read(user(7, 9))], [], stored(("user", held)))
+    assert_nothing_written(result)
+    assert [c.version for c in result.stale] == [9]
+
+
+def test_a_snapshot_read_that_differs_applies_and_a_later_change_follows_it() -> None:
+    held = row(user(7, 5))
+    newer, after = read(user(7, 9, name="Ada")), user(7, 12, name="Ada L.")
+    result = plan([after, newer], [], stored(("user", held)))
+    assert versions(result) == [("user", 7, 9), ("user", 7, 12)]
+    assert result.rows["user"] == [row(after)]
+
+
+def test_a_snapshot_read_revives_a_deleted_row_and_reads_within_a_batch_compare_in_order() -> None:
+    gone = tombstone(row(user(7, 5)), delete("user", 7, 6))
+    same = user(7, 9)
+    result = plan([read(same), read(user(7, 10))], [], stored(("user", gone)))
+    assert versions(result) == [("user", 7, 9)]  # the second read equals the first
+    assert result.rows["user"] == [row(same)]

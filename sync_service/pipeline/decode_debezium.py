@@ -1,0 +1,389 @@
+"""Decode one record of Debezium's PostgreSQL connector (Kafka Connect's JSON converter,
+with or without the `schema`/`payload` wrapper) into the `Change` the native decoder yields.
+
+Invariant: a change's version is the source's WAL position (`source.lsn`: of the row
+change itself, or of the snapshot a read belongs to); a delete never reads `before` beyond
+its `id`. Nothing raises out of `decode`: every record becomes one change, one dead
+letter, or a skipped tombstone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
+
+import orjson
+from pydantic import TypeAdapter, ValidationError
+
+from sync_service.db.models import Order
+from sync_service.events.change import Change, DeadLetter, DeadLetterKind, Entity, Skipped, Source
+from sync_service.events.inbound import ORDER_ENVELOPE, USER_ENVELOPE, Envelope
+from sync_service.pipeline.decode import InvalidMessage, Limits, dead_letter
+
+_ADAPTERS: dict[Entity, TypeAdapter[Any]] = {"user": USER_ENVELOPE, "order": ORDER_ENVELOPE}
+_COLUMNS: dict[Entity, tuple[str, ...]] = {
+    "user": ("id", "email", "name", "active", "country", "created_at", "updated_at"),
+    "order": ("id", "user_id", "total", "currency", "status", "created_at", "updated_at"),
+}
+"""The target's columns of each entity; the source's other columns are ignored."""
+_TIMES = frozenset({"created_at", "updated_at"})
+_TOTAL_SCALE: Final[int] = Order.__table__.c.total.type.scale  # type: ignore[attr-defined]
+"""The target column's scale: what an unscaled decimal without its schema is read with."""
+MAX_KEY_BYTES = 4096
+
+_EVENT_IDS = uuid.UUID("6c1b2f60-8b0e-5d43-9a54-4f1f6a3d2e10")
+"""The namespace of the event ids derived from a change's source position."""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_UNITS = {
+    "io.debezium.time.Timestamp": "milliseconds",
+    "org.apache.kafka.connect.data.Timestamp": "milliseconds",
+    "io.debezium.time.MicroTimestamp": "microseconds",
+    "io.debezium.time.NanoTimestamp": "nanoseconds",
+}
+"""Schema names of a `timestamp` (without zone) column as an epoch number, by unit; the
+value is the source's wall time, read as UTC."""
+_OPS = {"c": "upsert", "u": "upsert", "r": "upsert", "d": "delete"}
+
+
+def decode(
+    *,
+    entity: Entity,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    limits: Limits,
+) -> Change | DeadLetter | Skipped:
+    """Turn the record at `offset` of a topic that carries `entity` into a change."""
+    source = Source(topic, partition, offset)
+    if value is None:
+        return Skipped(source, "tombstone")  # what the connector sends after a delete
+    try:
+        return _decode(entity, source, key, value, limits)
+    except InvalidMessage as exc:
+        return dead_letter(source, key, value, limits, exc)
+
+
+def _decode(
+    entity: Entity, source: Source, key: bytes | None, value: bytes, limits: Limits
+) -> Change | Skipped:
+    if not value:
+        raise InvalidMessage("empty", "empty value: a change event must be a JSON document")
+    if len(value) > limits.max_bytes:
+        raise InvalidMessage(
+            "oversized", f"value is {len(value)} bytes, over the {limits.max_bytes}-byte limit"
+        )
+    payload, columns = _payload_and_columns(value, limits.max_depth)
+    if payload is None:
+        return Skipped(source, "tombstone")  # a tombstone written with its (null) schema
+    if not isinstance(payload, dict) or "op" not in payload:
+        raise InvalidMessage("invalid", "not a Debezium change event: no `op` in the payload")
+    origin = payload.get("source")
+    if not isinstance(origin, dict):
+        raise InvalidMessage(
+            "invalid",
+            "not a Debezium change event: no `source` block (is SYNC_INBOUND_FORMAT right?)",
+        )
+    connector = origin.get("connector")
+    if connector != "postgresql":
+        raise InvalidMessage(
+            "unsupported_source",
+            f"a change from Debezium's {connector!r} connector: only the PostgreSQL "
+            "connector's events are read (SYNC_INBOUND_FORMAT=debezium)",
+        )
+    op = payload["op"]
+    if op not in _OPS:
+        raise InvalidMessage("unsupported_op", _unsupported(op, origin, payload))
+    lsn = _position(origin, "lsn")
+    committed_ms = _position(origin, "ts_ms")
+    if op == "d":
+        before = payload.get("before")
+        # Only `id` of a delete's `before` is real: with the default replica identity the
+        # other NOT NULL columns are filler (0, "", the epoch).
+        if isinstance(before, dict) and "id" in before:
+            entity_id = before["id"]
+        else:
+            entity_id = _key_id(key, limits.max_depth)
+        data: dict[str, Any] = {"id": entity_id}
+    else:
+        after = payload.get("after")
+        if not isinstance(after, dict):
+            raise InvalidMessage("invalid", f"op {op!r} without an `after` row")
+        data = _row(entity, after, columns)
+        entity_id = data.get("id")
+    _check_key(key, entity_id, limits.max_depth)
+    event_id = uuid.uuid5(
+        _EVENT_IDS,
+        f"{origin.get('db')}/{origin.get('schema')}.{origin.get('table')}/{entity_id}/{op}"
+        f"/{origin.get('txId')}/{origin.get('lsn')}",
+    )
+    envelope = {
+        "event_id": event_id,
+        "entity": entity,
+        "op": _OPS[op],
+        "version": lsn,
+        "occurred_at": _EPOCH + timedelta(milliseconds=committed_ms),
+        "data": data,
+    }
+    try:
+        valid: Envelope = _ADAPTERS[entity].validate_python(envelope)
+    except ValidationError as exc:
+        raise InvalidMessage("invalid", _summarize(exc)) from None
+    row: dict[str, Any] | None = None
+    if valid["op"] == "upsert":
+        row = dict(valid["data"])
+        if entity == "user":
+            row.setdefault("country", None)
+    return Change(  # positionally, as the native decoder builds it
+        entity,
+        valid["data"]["id"],
+        valid["version"],
+        valid["op"],
+        valid["event_id"],
+        valid["occurred_at"],
+        row,
+        source,
+        valid,
+        op == "r",
+    )
+
+
+def _payload_and_columns(value: bytes, max_depth: int) -> tuple[Any, Columns]:
+    """The payload of `value` and the schemas of `after`'s columns (none without schemas).
+    A value whose schema's bytes were seen before has only its payload parsed."""
+    split = _split(value)
+    if split is not None and (known := _KNOWN_SCHEMAS.get(split[0])) is not None:
+        schema_depth, columns = known
+        try:
+            payload = orjson.loads(split[1])
+        except orjson.JSONDecodeError:
+            pass  # not the converter's shape after all: read it whole below
+        else:
+            if 1 + max(schema_depth, _depth(split[1], max_depth)) > max_depth:
+                raise _too_deep("value", max_depth)
+            return payload, columns
+    schema, payload = _unwrap(_parse(value, "value", max_depth))
+    columns = _row_schema(schema, "after")
+    if split is not None and schema is not None and _same(split[0], schema):
+        if len(_KNOWN_SCHEMAS) >= MAX_KNOWN_SCHEMAS:
+            _KNOWN_SCHEMAS.clear()
+        _KNOWN_SCHEMAS[split[0]] = (_depth(split[0], max_depth), columns)
+    return payload, columns
+
+
+Columns = dict[str, dict[str, Any]]
+_KNOWN_SCHEMAS: dict[bytes, tuple[int, Columns]] = {}
+"""Value schemas seen before, by their exact bytes, with their depth and `after`'s columns:
+the JSON converter writes the same schema bytes for every change of a table, so a schema
+is parsed and measured once, not with every change (it is ~3 KB of a ~3.5 KB value)."""
+MAX_KNOWN_SCHEMAS = 256
+
+
+def _split(value: bytes) -> tuple[bytes, bytes] | None:
+    """The schema's and the payload's bytes of `{"schema":...,"payload":...}` as the JSON
+    converter writes it, or None. The schema's bytes are only trusted once they parsed to
+    the schema of a whole value (`_same`): then they end where `,"payload":` starts."""
+    if not value.startswith(b'{"schema":') or not value.endswith(b"}"):
+        return None
+    at = value.find(b',"payload":')
+    return None if at < 0 else (value[10:at], value[at + 11 : -1])
+
+
+def _same(raw: bytes, schema: dict[str, Any]) -> bool:
+    try:
+        return bool(orjson.loads(raw) == schema)
+    except orjson.JSONDecodeError:
+        return False
+
+
+def _parse(raw: bytes, what: str, max_depth: int) -> Any:
+    """`raw` as strict JSON (orjson: integers exact to 2^64, no NaN), no deeper than allowed."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        kind: DeadLetterKind = "not_json" if what == "value" else "bad_key"
+        raise InvalidMessage(kind, f"{what} is not UTF-8 JSON: {exc}") from None
+    if _depth(raw, max_depth) > max_depth:
+        raise _too_deep(what, max_depth)
+    return document
+
+
+def _too_deep(what: str, max_depth: int) -> InvalidMessage:
+    return InvalidMessage("too_deep", f"JSON {what} nests deeper than {max_depth} levels")
+
+
+_SHAPE = bytes.maketrans(b"[]", b"{}")  # depth does not care which kind of container
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
+
+
+def _depth(raw: bytes, most: int) -> int:
+    """How deep the JSON text `raw` (well formed) nests containers (a document that is one
+    is level 1), counted up to `most + 1`. At C speed: without its escaped backslashes and
+    quotes, the text between every other `"` is outside the strings; of that only the
+    brackets are kept, and each round removes the containers left empty, so the rounds are
+    the depth."""
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    shape = b"".join(unescaped.split(b'"')[::2]).translate(_SHAPE, _NOT_BRACKETS)
+    depth = 0
+    while shape and depth <= most:
+        depth += 1
+        shape = shape.replace(b"{}", b"")
+    return depth
+
+
+def _unwrap(document: Any) -> tuple[dict[str, Any] | None, Any]:
+    """(schema, payload) of a `schemas.enable=true` document, (None, it) otherwise."""
+    if isinstance(document, dict) and document.keys() == {"schema", "payload"}:
+        schema = document["schema"]
+        return (schema if isinstance(schema, dict) else None), document["payload"]
+    return None, document
+
+
+def _row_schema(schema: dict[str, Any] | None, field: str) -> Columns:
+    """The schema of each column of the envelope's `before` or `after`, by name."""
+    if schema is None:
+        return {}
+    for part in schema.get("fields") or ():
+        if isinstance(part, dict) and part.get("field") == field:
+            return {
+                f["field"]: f
+                for f in part.get("fields") or ()
+                if isinstance(f, dict) and isinstance(f.get("field"), str)
+            }
+    return {}
+
+
+def _position(origin: dict[str, Any], name: str) -> int:
+    value = origin.get(name)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    raise InvalidMessage("invalid", f"source.{name}: expected an integer >= 0, got {value!r}")
+
+
+def _unsupported(op: Any, origin: dict[str, Any], payload: dict[str, Any]) -> str:
+    table = f"{origin.get('schema')}.{origin.get('table')}"
+    if op == "t":
+        return (
+            f"op 't' (a TRUNCATE of {table}) is not applied: it is no row change; "
+            "clear the target's rows by hand if that is what is meant"
+        )
+    if op == "m":
+        prefix = (payload.get("message") or {}).get("prefix")
+        return f"op 'm' (a logical decoding message, prefix {prefix!r}) is not a row change"
+    return f"op {op!r} is not a Debezium row change (c, u, r or d)"
+
+
+def _row(
+    entity: Entity, after: dict[str, Any], schema: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """The target's columns of `after`, each converted from the connector's encoding."""
+    row: dict[str, Any] = {}
+    for column in _COLUMNS[entity]:
+        if column not in after:
+            continue  # the adapter names a missing required column
+        value = after[column]
+        if value is not None and column in _TIMES:
+            value = _time(column, value, schema.get(column))
+        elif value is not None and column == "total":
+            value = _money(value, schema.get(column))
+        row[column] = value
+    return row
+
+
+def _time(column: str, value: Any, schema: dict[str, Any] | None) -> datetime:
+    """A `timestamptz` arrives as an ISO-8601 string (io.debezium.time.ZonedTimestamp); a
+    `timestamp` as an epoch number whose unit only its schema names."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidMessage(
+                "invalid", f"data.{column}: {value[:40]!r} is not an ISO-8601 time"
+            ) from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        unit = _EPOCH_UNITS.get(str((schema or {}).get("name")))
+        if unit is None:
+            raise InvalidMessage(
+                "invalid",
+                f"data.{column}: an epoch number without a schema that names its unit "
+                "(enable value.converter.schemas.enable, or make the column timestamptz)",
+            )
+        if unit == "nanoseconds":
+            return _EPOCH + timedelta(microseconds=value // 1000)
+        return _EPOCH + timedelta(**{unit: value})
+    raise InvalidMessage("invalid", f"data.{column}: {type(value).__name__} is not a time")
+
+
+def _money(value: Any, schema: dict[str, Any] | None) -> Decimal:
+    """Exact money from `decimal.handling.mode` precise (base64 unscaled bytes) or string;
+    a number (mode double) may already be rounded, so it is refused."""
+    kind = (schema or {}).get("type")
+    if (isinstance(value, float | int) and not isinstance(value, bool)) or kind in (
+        "double",
+        "float",
+    ):
+        raise InvalidMessage(
+            "invalid",
+            "data.total: a floating-point number (decimal.handling.mode=double) may have "
+            "rounded the money; set the connector's decimal.handling.mode to precise or string",
+        )
+    if isinstance(value, dict):  # io.debezium.data.VariableScaleDecimal: {scale, value}
+        return _unscaled(value.get("value"), value.get("scale"))
+    if not isinstance(value, str):
+        raise InvalidMessage("invalid", f"data.total: {type(value).__name__} is not money")
+    if kind == "bytes" or (kind is None and "." not in value):
+        parameters = (schema or {}).get("parameters") or {}
+        return _unscaled(value, parameters.get("scale", _TOTAL_SCALE))
+    try:
+        return Decimal(value)  # decimal.handling.mode=string: BigDecimal.toPlainString()
+    except ArithmeticError:
+        raise InvalidMessage("invalid", f"data.total: {value[:40]!r} is not a decimal") from None
+
+
+def _unscaled(encoded: Any, scale: Any) -> Decimal:
+    """A Connect Decimal: big-endian two's-complement unscaled bytes, base64, and a scale."""
+    try:
+        raw = base64.b64decode(str(encoded), validate=True)
+        exponent = -int(scale)
+    except (binascii.Error, ValueError):
+        raise InvalidMessage(
+            "invalid", f"data.total: {str(encoded)[:40]!r} (scale {scale!r}) is no decimal"
+        ) from None
+    return Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(exponent)
+
+
+def _key_id(key: bytes | None, max_depth: int) -> Any:
+    """The `id` of Debezium's record key, `{"id": 42}` with or without its schema."""
+    if key is None:
+        raise InvalidMessage("bad_key", 'missing key: expected Debezium\'s {"id": N}')
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidMessage("bad_key", f"key is {len(key)} bytes, over {MAX_KEY_BYTES}")
+    _, payload = _unwrap(_parse(key, "key", max_depth))
+    if not isinstance(payload, dict) or "id" not in payload:
+        shown = key[:60].decode("utf-8", "replace")
+        raise InvalidMessage("bad_key", f'key {shown!r} is not Debezium\'s {{"id": N}}')
+    return payload["id"]
+
+
+def _check_key(key: bytes | None, entity_id: Any, max_depth: int) -> None:
+    key_id = _key_id(key, max_depth)
+    if key_id != entity_id or type(key_id) is not type(entity_id):
+        raise InvalidMessage(
+            "bad_key", f"key id {key_id!r} does not match the row's id {entity_id!r}"
+        )
+
+
+def _summarize(exc: ValidationError, most: int = 3) -> str:
+    """One line that names each failing field, e.g. `data.email: value is not a valid ...`."""
+    parts = []
+    for error in exc.errors()[:most]:
+        loc = [str(p) for p in error["loc"] if p not in ("upsert", "delete")]
+        parts.append(f"{'.'.join(loc) or 'envelope'}: {error['msg']}")
+    more = exc.error_count() - most
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
