@@ -192,7 +192,7 @@ class Bench:
     async def create_topics(self, run: Run, partitions: int = PARTITIONS) -> None:
         s = run.settings
         topics = [s.users_topic, s.orders_topic, s.out_users_topic, s.out_orders_topic]
-        await ensure_topics(self.bootstrap, dict.fromkeys(topics, partitions))
+        await ensure_topics(self.base, dict.fromkeys(topics, partitions))
         await ensure_position_topic(s)
         self.made_topics += [*topics, s.relay_position_topic]
 
@@ -575,8 +575,9 @@ class RelayTail:
 
 async def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
     """The read_committed end offset of every partition of `topics`."""
-    counts = await partition_counts(bootstrap, topics)
-    async with offset_reader(bootstrap) as reader:
+    settings = Settings(kafka_bootstrap=bootstrap)
+    counts = await partition_counts(settings, topics)
+    async with offset_reader(settings) as reader:
         bounds = await partition_bounds(reader, [(t, p) for t in topics for p in range(counts[t])])
     return {tp: b.end for tp, b in bounds.items()}
 

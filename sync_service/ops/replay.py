@@ -37,8 +37,8 @@ async def replay(
         raise UserError("give exactly one of --from-offset and --from-time")
     engine = await connect(settings)
     try:
-        async with offset_reader(settings.kafka_bootstrap) as reader:
-            count = (await partition_counts(settings.kafka_bootstrap, [topic]))[topic]
+        async with offset_reader(settings) as reader:
+            count = (await partition_counts(settings, [topic]))[topic]
             if not 0 <= partition < count:
                 raise UserError(
                     f"{topic} has partitions 0 to {count - 1}; there is no partition {partition}"

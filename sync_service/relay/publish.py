@@ -21,6 +21,7 @@ from aiokafka.errors import ProducerFenced
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.errors import UserError
 from sync_service.kafka import require_topics
 from sync_service.observability import metrics
@@ -75,7 +76,7 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._settings
         await require_topics(
-            settings.kafka_bootstrap,
+            settings,
             self._topics.values(),
             hint="create the downstream topics first, or check SYNC_OUT_*_TOPIC",
         )
@@ -111,7 +112,7 @@ class OutboxRelay:
         try:
             # Start first: it fences any other holder of the transactional id and ends
             # its open transaction, so the position read next is final.
-            await producer.start()
+            await kafka.start(producer, self._settings)
             position = await read_position(self._settings)
             await _check_horizon(lease.connection, position)
             log.info("relay active from position txid=%d id=%d", *position)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,9 +21,20 @@ from tests.factories import encode, key_of
 Message = tuple[bytes | None, bytes | None]  # key, value
 
 
+def as_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the SYNC_* variables that would give them (unset ones left out)."""
+    return {
+        f"SYNC_{name.upper()}": value.get_secret_value()
+        if isinstance(value, SecretStr)
+        else str(value)
+        for name, value in settings.model_dump().items()
+        if value is not None
+    }
+
+
 async def create_topics(settings: Settings, partitions: int = 3) -> None:
     await ensure_topics(
-        settings.kafka_bootstrap,
+        settings,
         {settings.users_topic: partitions, settings.orders_topic: partitions},
     )
 

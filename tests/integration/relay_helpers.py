@@ -29,6 +29,7 @@ from sync_service.kafka import ensure_topics
 from sync_service.pipeline.decode import change_from_envelope
 from sync_service.pipeline.write import OUTBOX_CHANNEL
 from tests.factories import order_event, user_event
+from tests.integration.harness import as_environment
 
 OUT_PARTITIONS = 3
 INSERT_OUTBOX = text(
@@ -42,7 +43,7 @@ SYNC_SERVICE = Path(sys.executable).with_name("sync-service")
 
 async def create_out_topics(settings: Settings, partitions: int = OUT_PARTITIONS) -> None:
     await ensure_topics(
-        settings.kafka_bootstrap,
+        settings,
         {settings.out_users_topic: partitions, settings.out_orders_topic: partitions},
     )
 
@@ -299,8 +300,4 @@ def _partitions(settings: Settings) -> list[TopicPartition]:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    return {
-        f"SYNC_{name.upper()}": str(value)
-        for name, value in settings.model_dump().items()
-        if value is not None
-    }
+    return as_environment(settings)

@@ -39,7 +39,7 @@ async def test_health_readiness_and_metrics(settings: Settings, engine: AsyncEng
             body = await response.json()
         assert body == {
             "status": "ready",
-            "checks": {"database": None, "schema": None, "consumer": None},
+            "checks": {"database": None, "schema": None, "kafka": None, "consumer": None},
         }
         async with http.get(f"{base}/healthz") as response:
             assert response.status == 200

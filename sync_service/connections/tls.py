@@ -1,0 +1,50 @@
+"""TLS contexts for the clients, and what a failed handshake means in words.
+
+A context verifies the server against the given CA file (or the system's CAs) unless
+told otherwise; the host name is checked unless the caller turns that off.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+NAME_MISMATCH = frozenset({62, 64})
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
+
+
+def client_context(
+    cafile: Path | None,
+    certfile: Path | None = None,
+    keyfile: Path | None = None,
+    *,
+    verify: bool = True,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    """A client context; `certfile`/`keyfile` present a client certificate (mutual TLS)."""
+    context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    context.check_hostname = verify and check_hostname
+    if not verify:
+        context.verify_mode = ssl.CERT_NONE
+    if certfile is not None:
+        context.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+    return context
+
+
+def explain(error: BaseException, host: str, ca_setting: str) -> str | None:
+    """Why a TLS handshake with `host` failed, in words an operator can act on; None when
+    `error` is not a TLS failure."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        reason = error.verify_message or error.reason or "verification failed"
+        if error.verify_code in NAME_MISMATCH:
+            return (
+                f"host name mismatch: the server's certificate is not valid for {host!r} "
+                "(connect by a name the certificate lists)"
+            )
+        return f"server certificate not trusted by {ca_setting} ({reason})"
+    if isinstance(error, ssl.SSLError):
+        return (
+            f"protocol mismatch: the TLS handshake failed ({error.reason or error}): "
+            "is it a TLS listener?"
+        )
+    return None

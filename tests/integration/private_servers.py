@@ -1,0 +1,356 @@
+"""Servers of a test's own, for what the shared ones cannot show: a throwaway CA and its
+certificates, a Kafka broker with a SASL_SSL listener (SCRAM-SHA-512), and a PostgreSQL
+cluster that accepts only TLS. Each runs on its own port in its own temp directory and
+is stopped again by whoever started it.
+
+The broker is launched as `scripts/services` launches the shared one (the same jars,
+`StorageTool format` then `kafka.Kafka`), with a configuration of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parents[2]
+KAFKA_LIBS = ROOT / ".cache" / "kafka" / "libs"
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+# ----------------------------------------------------------------------------- certificates
+@dataclass(frozen=True)
+class Pki:
+    """A CA, a server certificate it issued for `localhost` only, and an unrelated CA."""
+
+    ca: Path
+    """The CA certificate that issued the servers' certificates (PEM)."""
+    other_ca: Path
+    """A CA that issued nothing here: trusting only it must refuse the servers."""
+    server_cert: Path
+    server_key: Path
+    server_p12: Path
+    """The server's key and certificate chain for Java (PKCS#12, password P12_PASSWORD)."""
+
+
+P12_PASSWORD = "test-keystore"
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common))
+        .issuer_name(_name(common))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _issue(
+    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, host: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A server certificate valid for `host` only (no IP address: 127.0.0.1 is another
+    host name as far as verification goes)."""
+    key = _key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(host))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_pki(directory: Path) -> Pki:
+    """Write a throwaway PKI under `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = _ca("sync-service test CA")
+    _, other = _ca("sync-service unrelated CA")
+    key, cert = _issue(ca_key, ca, "localhost")
+    pem = serialization.Encoding.PEM
+    paths = Pki(
+        ca=directory / "ca.pem",
+        other_ca=directory / "other-ca.pem",
+        server_cert=directory / "server.pem",
+        server_key=directory / "server.key",
+        server_p12=directory / "server.p12",
+    )
+    paths.ca.write_bytes(ca.public_bytes(pem))
+    paths.other_ca.write_bytes(other.public_bytes(pem))
+    paths.server_cert.write_bytes(cert.public_bytes(pem) + ca.public_bytes(pem))
+    paths.server_key.write_bytes(
+        key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    paths.server_key.chmod(0o600)
+    paths.server_p12.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"server", key, cert, [ca],
+            serialization.BestAvailableEncryption(P12_PASSWORD.encode()),
+        )
+    )  # fmt: skip
+    return paths
+
+
+# ----------------------------------------------------------------------------- processes
+def _port_open(port: int) -> bool:
+    with contextlib.closing(socket.socket()) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _run(command: list[str], timeout: float) -> None:
+    done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace")[-2000:]
+        raise RuntimeError(f"{command[0]} {command[1:4]} failed:\n{output}")
+
+
+def _stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- Kafka
+@dataclass(frozen=True)
+class SecureKafka:
+    """A running private broker."""
+
+    sasl_ssl: str
+    """bootstrap of the SASL_SSL (SCRAM-SHA-512) listener: TLS only."""
+    plaintext: str
+    """bootstrap of the plaintext listener (the broker's own, for inter-broker traffic)."""
+    username: str
+    password: str
+
+
+@contextlib.contextmanager
+def secure_kafka(directory: Path, pki: Pki, port: int = 19092) -> Iterator[SecureKafka]:
+    """A single-node KRaft broker: SASL_SSL on `port`, the controller on `port + 1` and a
+    plaintext listener on `port + 2`; one SCRAM-SHA-512 user, made when storage is
+    formatted."""
+    if not any(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
+        raise RuntimeError(f"no Kafka jars in {KAFKA_LIBS}: run scripts/services up once")
+    data, logs = directory / "data", directory / "logs"
+    data.mkdir(parents=True)
+    logs.mkdir()
+    username, password = "sync-service", secrets.token_urlsafe(12)
+    listener = "listener.name.sasl_ssl"
+    props = directory / "server.properties"
+    props.write_text(
+        f"""process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@localhost:{port + 1}
+controller.listener.names=CONTROLLER
+listeners=SASL_SSL://localhost:{port},CONTROLLER://localhost:{port + 1},PLAINTEXT://localhost:{port + 2}
+advertised.listeners=SASL_SSL://localhost:{port},PLAINTEXT://localhost:{port + 2}
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+{listener}.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+{listener}.ssl.keystore.type=PKCS12
+{listener}.ssl.keystore.location={pki.server_p12}
+{listener}.ssl.keystore.password={P12_PASSWORD}
+{listener}.ssl.key.password={P12_PASSWORD}
+log.dirs={data}
+num.partitions=1
+default.replication.factor=1
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=3
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=3
+min.insync.replicas=1
+group.initial.rebalance.delay.ms=0
+num.network.threads=2
+num.io.threads=2
+"""
+    )
+    log4j = directory / "log4j.properties"
+    log4j.write_text(
+        f"""log4j.rootLogger=INFO, server
+log4j.appender.server=org.apache.log4j.FileAppender
+log4j.appender.server.File={logs}/server.log
+log4j.appender.server.layout=org.apache.log4j.PatternLayout
+log4j.appender.server.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.state.change.logger=WARN
+"""
+    )
+    java = [
+        "java", "-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+        f"-Dlog4j.configuration=file:{log4j}", f"-Dkafka.logs.dir={logs}",
+        "-cp", f"{KAFKA_LIBS}/*",
+    ]  # fmt: skip
+    cluster_id = "-"
+    while cluster_id.startswith("-"):  # one starting with '-' reads as an option
+        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+    _run(
+        [
+            *java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
+            "--add-scram", f"SCRAM-SHA-512=[name={username},password={password}]",
+        ],
+        timeout=120,
+    )  # fmt: skip
+    with (logs / "kafka.out").open("wb") as out:
+        process = subprocess.Popen(
+            [*java, "kafka.Kafka", str(props)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "Kafka Server started" not in _tail(logs / "server.log", 200):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"private Kafka did not start:\n{_tail(logs / 'server.log')}")
+            time.sleep(0.3)
+        yield SecureKafka(f"localhost:{port}", f"localhost:{port + 2}", username, password)
+    finally:
+        _stop(process)
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+@dataclass(frozen=True)
+class SecurePostgres:
+    """A running private cluster that accepts TCP clients only over TLS."""
+
+    port: int
+
+    def url(self, host: str = "localhost", database: str = "postgres") -> str:
+        return f"postgresql+asyncpg://postgres@{host}:{self.port}/{database}"
+
+
+def _as_postgres(*command: str) -> list[str]:
+    """Run as the postgres OS user when we are root (initdb refuses to run as root)."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else list(command)
+
+
+@contextlib.contextmanager
+def secure_postgres(pki: Pki, port: int = 15432) -> Iterator[SecurePostgres]:
+    """initdb + pg_ctl on `port`: `hostssl` lines only in pg_hba.conf, the server
+    certificate from `pki`. Its directory is a temp one of its own (the postgres user
+    must be able to reach it), removed after."""
+    directory = Path(tempfile.mkdtemp(prefix="sync-service-pg-"))
+    data = directory / "pgdata"
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres", "postgres")
+    try:
+        with _running_postgres(directory, data, pki, port) as server:
+            yield server
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _running_postgres(
+    directory: Path, data: Path, pki: Pki, port: int
+) -> Iterator[SecurePostgres]:
+    _run(
+        _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
+                     "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"),
+        timeout=120,
+    )  # fmt: skip
+    for source, name in ((pki.server_cert, "server.crt"), (pki.server_key, "server.key")):
+        target = data / name
+        shutil.copyfile(source, target)
+        target.chmod(0o600)
+        if os.geteuid() == 0:
+            shutil.chown(target, "postgres", "postgres")
+    with (data / "postgresql.conf").open("a") as conf:
+        conf.write(
+            f"port = {port}\nlisten_addresses = 'localhost'\n"
+            f"unix_socket_directories = '{directory}'\nssl = on\n"
+            "ssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+            "fsync = off\nmax_connections = 40\nshared_buffers = 32MB\n"
+        )
+    (data / "pg_hba.conf").write_text(
+        "local all all trust\n"
+        "hostssl all all 127.0.0.1/32 trust\n"
+        "hostssl all all ::1/128 trust\n"
+    )
+    log = directory / "postgres.log"
+    _run(
+        _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+                     "start"),
+        timeout=90,
+    )  # fmt: skip
+    try:
+        yield SecurePostgres(port)
+    finally:
+        subprocess.run(
+            _as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
+                         "stop"),
+            capture_output=True, timeout=60,
+        )  # fmt: skip
