@@ -75,12 +75,18 @@ def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -134,9 +140,7 @@ def make_pki(directory: Path) -> Pki:
     paths.other_ca.write_bytes(other.public_bytes(pem))
     paths.server_cert.write_bytes(cert.public_bytes(pem) + ca.public_bytes(pem))
     paths.server_key.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     paths.server_key.chmod(0o600)
     paths.server_p12.write_bytes(
@@ -206,17 +210,22 @@ def secure_kafka(directory: Path, pki: Pki, port: int = 19092) -> Iterator[Secur
     username, password = "sync-service", secrets.token_urlsafe(12)
     listener = "listener.name.sasl_ssl"
     props = directory / "server.properties"
+    listeners = (
+        f"SASL_SSL://localhost:{port},CONTROLLER://localhost:{port + 1},"
+        f"PLAINTEXT://localhost:{port + 2}"
+    )
+    scram_login = "org.apache.kafka.common.security.scram.ScramLoginModule"
     props.write_text(
         f"""process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@localhost:{port + 1}
 controller.listener.names=CONTROLLER
-listeners=SASL_SSL://localhost:{port},CONTROLLER://localhost:{port + 1},PLAINTEXT://localhost:{port + 2}
+listeners={listeners}
 advertised.listeners=SASL_SSL://localhost:{port},PLAINTEXT://localhost:{port + 2}
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
 sasl.enabled.mechanisms=SCRAM-SHA-512
-{listener}.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+{listener}.scram-sha-512.sasl.jaas.config={scram_login} required;
 {listener}.ssl.keystore.type=PKCS12
 {listener}.ssl.keystore.location={pki.server_p12}
 {listener}.ssl.keystore.password={P12_PASSWORD}
@@ -314,9 +323,7 @@ def secure_postgres(pki: Pki, port: int = 15432) -> Iterator[SecurePostgres]:
 
 
 @contextlib.contextmanager
-def _running_postgres(
-    directory: Path, data: Path, pki: Pki, port: int
-) -> Iterator[SecurePostgres]:
+def _running_postgres(directory: Path, data: Path, pki: Pki, port: int) -> Iterator[SecurePostgres]:
     _run(
         _as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres",
                      "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"),
@@ -336,9 +343,7 @@ def _running_postgres(
             "fsync = off\nmax_connections = 40\nshared_buffers = 32MB\n"
         )
     (data / "pg_hba.conf").write_text(
-        "local all all trust\n"
-        "hostssl all all 127.0.0.1/32 trust\n"
-        "hostssl all all ::1/128 trust\n"
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n"
     )
     log = directory / "postgres.log"
     _run(

@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.events.change import Entity, Source
 from sync_service.events.outbound import downstream_event_id, event_type, outbound_value
 from sync_service.kafka import ensure_topics
@@ -282,8 +283,8 @@ async def relay_processes(
 
 
 def _reader(settings: Settings, isolation_level: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+    return kafka.consumer(
+        settings,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
