@@ -63,6 +63,7 @@ async def serve(
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down cleanly."""
     stop = stop or asyncio.Event()
     _install_signal_handlers(stop)
+    kafka.watch(settings)
     engine = await connect(settings)
     try:
         if consume:

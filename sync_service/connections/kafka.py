@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from typing import Any, Protocol
 
@@ -89,16 +90,27 @@ class Startable(Protocol):
 
 
 class _Refusals:
-    """The last refusal seen by `start` (None once a client started again): `/readyz`."""
+    """The last refusal seen (by `start`, or in aiokafka's own reconnects once `watch`
+    is on), for `/readyz`: it counts while it keeps being seen, and ends when a client
+    starts or when it was not seen for `FRESH_S` (clients retry far more often)."""
+
+    FRESH_S = 60.0
 
     def __init__(self) -> None:
-        self.cause: str | None = None
-        self.since = 0.0
+        self._cause: str | None = None
+        self._seen = 0.0
 
-    def set(self, cause: str | None) -> None:
-        if cause != self.cause:
-            self.since = time.monotonic()
-        self.cause = cause
+    def set(self, cause: str | None) -> bool:
+        """Record `cause` (None: connected); True when it is news."""
+        news = cause != self.cause
+        self._cause, self._seen = cause, time.monotonic()
+        return news
+
+    @property
+    def cause(self) -> str | None:
+        if self._cause is None or time.monotonic() - self._seen > self.FRESH_S:
+            return None
+        return self._cause
 
 
 REFUSAL = _Refusals()
@@ -116,6 +128,37 @@ async def start(client: Startable, settings: Settings) -> None:
             raise
         raise KafkaRefused(settings.kafka_bootstrap, cause) from error
     REFUSAL.set(None)
+
+
+class _Watch(logging.Filter):
+    """Reads the errors aiokafka logs when a connection to a broker fails (it retries
+    them by itself, so no caller sees them) and records those that are refusals."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        error = next((a for a in args if isinstance(a, BaseException)), None)
+        if isinstance(error, _REFUSALS):
+            host = str(args[0]) if len(args) == 3 else "the broker's advertised address"
+            cause = explain(error, host, self.settings)
+            if REFUSAL.set(cause):  # the clients retry often: say it once, in words
+                log.warning("Kafka refuses this client (retrying): %s", cause)
+        return True
+
+
+_WATCHED = logging.getLogger("aiokafka")
+"""Where aiokafka's client logs a failed connection, bootstrap or to a broker (at ERROR)."""
+
+
+def watch(settings: Settings) -> None:
+    """Record refusals seen in aiokafka's own reconnects (the long-running service: the
+    cause goes to the log and `/readyz`). Only while aiokafka's ERROR records are on."""
+    for old in [f for f in _WATCHED.filters if isinstance(f, _Watch)]:
+        _WATCHED.removeFilter(old)
+    _WATCHED.addFilter(_Watch(settings))
 
 
 async def diagnose(settings: Settings) -> str | None:
@@ -164,6 +207,14 @@ async def _probe(host: str, port: int, settings: Settings, options: dict[str, An
             connection.close()
     return None
 
+
+_REFUSALS = (
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+    ssl.SSLError,
+)
+"""Errors that only a broker refusing this client raises, never an outage."""
 
 _EXPECTS = {
     "PLAINTEXT": "TLS or SASL (SASL_SSL, SSL)",

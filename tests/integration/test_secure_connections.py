@@ -14,7 +14,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiokafka.errors import KafkaConnectionError
 from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -28,7 +30,13 @@ from sync_service.events.outbound import downstream_event_id
 from sync_service.pipeline.consume import ChangeConsumer
 from sync_service.pipeline.write import BatchWriter
 from tests.factories import order_event, user_event
-from tests.integration.harness import as_environment, create_topics, produce, wait_until
+from tests.integration.harness import (
+    as_environment,
+    create_topics,
+    produce,
+    running,
+    wait_until,
+)
 from tests.integration.private_servers import (
     Pki,
     SecureKafka,
@@ -37,7 +45,12 @@ from tests.integration.private_servers import (
     secure_kafka,
     secure_postgres,
 )
-from tests.integration.relay_helpers import Downstream, assert_exactly_once, create_out_topics
+from tests.integration.relay_helpers import (
+    Downstream,
+    assert_exactly_once,
+    create_out_topics,
+    free_port,
+)
 from tests.integration.test_cli import EXECUTABLE, Outcome, cli
 
 REFUSAL_WITHIN_S = 30.0
@@ -269,6 +282,55 @@ async def test_the_consumer_retries_a_refusing_broker_and_says_why(
         await asyncio.wait([task], timeout=30)
         await engine.dispose()
     assert all("not-the-password" not in r.getMessage() for r in caplog.records)
+
+
+async def test_refusals_in_aiokafka_s_own_reconnects_are_recorded(
+    secure: Settings, no_refusal: None
+) -> None:
+    """aiokafka retries failed broker connections by itself and only logs why; the
+    service's watch on those records turns a refusal among them into the cause."""
+    wrong = secure.model_copy(update={"kafka_sasl_password": SecretStr("not-the-password")})
+    library = logging.getLogger("aiokafka")
+    level = library.level
+    library.setLevel(logging.WARNING)  # as the service's logging leaves it
+    kafka.watch(wrong)
+    client = kafka.consumer(wrong, group_id=None, request_timeout_ms=10_000)
+    try:
+        with pytest.raises(KafkaConnectionError):
+            await client.start()  # aiokafka's own start: no diagnosis of ours
+        assert kafka.REFUSAL.cause is not None
+        assert kafka.REFUSAL.cause.startswith("wrong credentials: SASL SCRAM-SHA-512")
+    finally:
+        await client.stop()
+        library.setLevel(level)
+
+
+async def test_readyz_shows_a_refusal_while_the_service_runs(
+    secure: Settings, no_refusal: None
+) -> None:
+    settings = secure.model_copy(update={"http_port": free_port()})
+    await create_topics(settings)
+    wrong = secure.model_copy(update={"kafka_sasl_password": SecretStr("not-the-password")})
+    ready = f"http://127.0.0.1:{settings.http_port}/readyz"
+    async with running(settings), aiohttp.ClientSession() as http:
+
+        async def answers(status: int) -> bool:
+            try:
+                async with http.get(ready) as response:
+                    return response.status == status
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_until(lambda: answers(200), what="/readyz to answer 200")
+        probe = kafka.consumer(wrong, group_id=None)
+        with pytest.raises(kafka.KafkaRefused):
+            await kafka.start(probe, wrong)
+        await probe.stop()
+        async with http.get(ready) as response:
+            body = await response.json()
+            assert response.status == 503
+    assert body["checks"]["kafka"].startswith("wrong credentials: SASL SCRAM-SHA-512")
+    assert "not-the-password" not in str(body)
 
 
 async def _refused(settings: Settings, *args: str, **env: str) -> str:
