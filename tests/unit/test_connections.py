@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -251,3 +252,18 @@ def test_kafka_refusals_read_as_their_cause(tmp_path: Path) -> None:
 
 async def test_a_broker_that_is_not_there_is_an_outage_not_a_refusal() -> None:
     assert await kafka.diagnose(Settings(kafka_bootstrap="localhost:1")) is None
+
+
+def test_every_setting_the_deployment_files_name_exists() -> None:
+    """A misspelt name in a manifest would be silently ignored (extra="ignore")."""
+    deploy = PACKAGE.parent / "deploy"
+    known = {f"SYNC_{name.upper()}" for name in Settings.model_fields}
+    compose_only = {"SYNC_PARTITIONS"}  # the compose file's own variable (kafka-init)
+    named = {
+        (path.name, name)
+        for path in [*deploy.rglob("*.yaml"), deploy / "managed.env.example"]
+        for name in re.findall(r"\bSYNC_[A-Z0-9_]+\b", path.read_text())
+    }
+    assert named, "no SYNC_* settings found under deploy/"
+    unknown = sorted((f, n) for f, n in named if n not in known | compose_only)
+    assert not unknown
