@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
 """How long the diagnosing connection may take, per bootstrap server."""
+TLS_ALERT_WAIT_S = 1.0
+"""How long a diagnosing TLS connection waits for an alert after its handshake."""
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -189,6 +191,11 @@ async def _probe(host: str, port: int, settings: Settings, options: dict[str, An
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
+    context = options.get("ssl_context")
+    if context is not None:
+        refused = await _tls_refusal(host, port, context)
+        if refused is not None:
+            return explain(refused, host, settings)
     connection = None
     try:
         connection = await create_conn(
@@ -205,6 +212,29 @@ async def _probe(host: str, port: int, settings: Settings, options: dict[str, An
     finally:
         if connection is not None:
             connection.close()
+    return None
+
+
+async def _tls_refusal(host: str, port: int, context: ssl.SSLContext) -> BaseException | None:
+    """The TLS failure of a handshake with `host`, if any. A server that refuses the
+    client's certificate says so in an alert right after the handshake (TLS 1.3), which
+    a Kafka client only sees as a closed connection: wait a moment for it."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    except ssl.SSLError as error:
+        return error
+    except OSError:
+        return None
+    try:
+        await asyncio.wait_for(reader.read(1), TLS_ALERT_WAIT_S)
+    except ssl.SSLError as error:
+        return error
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
     return None
 
 
@@ -242,7 +272,13 @@ def explain(error: BaseException, host: str, settings: Settings) -> str:
         )
     if isinstance(error, IllegalSaslStateError):
         return f"protocol mismatch: the listener does not use SASL ({setting})"
-    reason = tls.explain(error, host, "SYNC_KAFKA_SSL_CAFILE")
+    reason = tls.explain(
+        error,
+        host,
+        "SYNC_KAFKA_SSL_CAFILE",
+        "SYNC_KAFKA_SSL_CERTFILE and SYNC_KAFKA_SSL_KEYFILE",
+        has_cert=settings.kafka_ssl_certfile is not None,
+    )
     if reason is not None:
         return f"{reason} ({setting})"
     if protocol.endswith("SSL") and isinstance(error, ConnectionResetError):

@@ -47,7 +47,13 @@ def unreachable(error: BaseException, settings: Settings) -> UserError:
     url = make_url(settings.database_url)
     where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}"
     cause = _cause(error)
-    reason = tls.explain(cause, url.host or "localhost", "SYNC_DATABASE_SSLROOTCERT")
+    reason = tls.explain(
+        cause,
+        url.host or "localhost",
+        "SYNC_DATABASE_SSLROOTCERT",
+        "SYNC_DATABASE_SSLCERT and SYNC_DATABASE_SSLKEY",
+        has_cert=settings.database_sslcert is not None,
+    )
     if reason is not None:
         mode = settings.database_sslmode or "unset"
         return UserError(f"{where} refused TLS: {reason} (SYNC_DATABASE_SSLMODE={mode})")
@@ -55,6 +61,16 @@ def unreachable(error: BaseException, settings: Settings) -> UserError:
         return UserError(
             f"{where} accepts only TLS connections: set SYNC_DATABASE_SSLMODE=verify-full "
             "(and SYNC_DATABASE_SSLROOTCERT)"
+        )
+    if "requires a valid client certificate" in str(cause):
+        return UserError(
+            f"{where} requires a client certificate: set SYNC_DATABASE_SSLCERT and "
+            "SYNC_DATABASE_SSLKEY"
+        )
+    if "certificate authentication failed" in str(cause):
+        return UserError(
+            f"{where} did not accept the client certificate for user {url.username!r}: its "
+            "common name must be the user name (SYNC_DATABASE_SSLCERT)"
         )
     if "rejected SSL upgrade" in str(cause):
         return UserError(

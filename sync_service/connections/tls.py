@@ -31,9 +31,17 @@ def client_context(
     return context
 
 
-def explain(error: BaseException, host: str, ca_setting: str) -> str | None:
+_CLIENT_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNSUPPORTED_CERTIFICATE",
+                   "UNKNOWN_CA", "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED")  # fmt: skip
+"""TLS alerts by which a server refuses the client's certificate (or its absence)."""
+
+
+def explain(
+    error: BaseException, host: str, ca_setting: str, cert_settings: str, has_cert: bool
+) -> str | None:
     """Why a TLS handshake with `host` failed, in words an operator can act on; None when
-    `error` is not a TLS failure."""
+    `error` is not a TLS failure. `ca_setting` names the CA file, `cert_settings` the
+    client certificate's, which `has_cert` says were given."""
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = error.verify_message or error.reason or "verification failed"
         if error.verify_code in NAME_MISMATCH:
@@ -42,6 +50,13 @@ def explain(error: BaseException, host: str, ca_setting: str) -> str | None:
                 "(connect by a name the certificate lists)"
             )
         return f"server certificate not trusted by {ca_setting} ({reason})"
+    if isinstance(error, ssl.SSLError) and any(a in str(error) for a in _CLIENT_REFUSED):
+        if not has_cert:
+            return f"the server requires a client certificate ({error.reason}): set {cert_settings}"
+        return (
+            f"the server refused this client's certificate ({error.reason or error}): it "
+            f"requires one its CA issued ({cert_settings})"
+        )
     if isinstance(error, ssl.SSLError):
         return (
             f"protocol mismatch: the TLS handshake failed ({error.reason or error}): "

@@ -48,9 +48,13 @@ class Pki:
     server_key: Path
     server_p12: Path
     """The server's key and certificate chain for Java (PKCS#12, password P12_PASSWORD)."""
+    client_cert: Path
+    client_key: Path
+    """A client certificate from the CA, for the user CLIENT_USER (mutual TLS)."""
 
 
 P12_PASSWORD = "test-keystore"
+CLIENT_USER = "sync_cert"
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -94,10 +98,11 @@ def _ca(common: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _issue(
-    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, host: str
+    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, host: str, *, client: bool = False
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A server certificate valid for `host` only (no IP address: 127.0.0.1 is another
-    host name as far as verification goes)."""
+    host name as far as verification goes), or a client certificate for the user `host`."""
+    usages = x509.oid.ExtendedKeyUsageOID
     key = _key()
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -111,7 +116,8 @@ def _issue(
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            x509.ExtendedKeyUsage([usages.CLIENT_AUTH if client else usages.SERVER_AUTH]),
+            critical=False,
         )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -135,6 +141,8 @@ def make_pki(directory: Path) -> Pki:
         server_cert=directory / "server.pem",
         server_key=directory / "server.key",
         server_p12=directory / "server.p12",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
     )
     paths.ca.write_bytes(ca.public_bytes(pem))
     paths.other_ca.write_bytes(other.public_bytes(pem))
@@ -143,6 +151,13 @@ def make_pki(directory: Path) -> Pki:
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     paths.server_key.chmod(0o600)
+    client_key, client_cert = _issue(ca_key, ca, CLIENT_USER, client=True)
+    paths.client_cert.write_bytes(client_cert.public_bytes(pem))
+    paths.client_key.write_bytes(
+        client_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     paths.server_p12.write_bytes(
         pkcs12.serialize_key_and_certificates(
             b"server", key, cert, [ca],
@@ -193,15 +208,17 @@ class SecureKafka:
     """bootstrap of the SASL_SSL (SCRAM-SHA-512) listener: TLS only."""
     plaintext: str
     """bootstrap of the plaintext listener (the broker's own, for inter-broker traffic)."""
+    mutual_tls: str
+    """bootstrap of the SSL listener that requires a client certificate from the CA."""
     username: str
     password: str
 
 
 @contextlib.contextmanager
 def secure_kafka(directory: Path, pki: Pki, port: int = 19092) -> Iterator[SecureKafka]:
-    """A single-node KRaft broker: SASL_SSL on `port`, the controller on `port + 1` and a
-    plaintext listener on `port + 2`; one SCRAM-SHA-512 user, made when storage is
-    formatted."""
+    """A single-node KRaft broker: SASL_SSL on `port`, the controller on `port + 1`, a
+    plaintext listener on `port + 2` and an SSL one that requires a client certificate on
+    `port + 3`; one SCRAM-SHA-512 user, made when storage is formatted."""
     if not any(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
         raise RuntimeError(f"no Kafka jars in {KAFKA_LIBS}: run scripts/services up once")
     data, logs = directory / "data", directory / "logs"
@@ -212,8 +229,9 @@ def secure_kafka(directory: Path, pki: Pki, port: int = 19092) -> Iterator[Secur
     props = directory / "server.properties"
     listeners = (
         f"SASL_SSL://localhost:{port},CONTROLLER://localhost:{port + 1},"
-        f"PLAINTEXT://localhost:{port + 2}"
+        f"PLAINTEXT://localhost:{port + 2},SSL://localhost:{port + 3}"
     )
+    protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL"
     scram_login = "org.apache.kafka.common.security.scram.ScramLoginModule"
     props.write_text(
         f"""process.roles=broker,controller
@@ -221,15 +239,22 @@ node.id=1
 controller.quorum.voters=1@localhost:{port + 1}
 controller.listener.names=CONTROLLER
 listeners={listeners}
-advertised.listeners=SASL_SSL://localhost:{port},PLAINTEXT://localhost:{port + 2}
+advertised.listeners={listeners.replace(f",CONTROLLER://localhost:{port + 1}", "")}
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+listener.security.protocol.map={protocols}
 sasl.enabled.mechanisms=SCRAM-SHA-512
 {listener}.scram-sha-512.sasl.jaas.config={scram_login} required;
 {listener}.ssl.keystore.type=PKCS12
 {listener}.ssl.keystore.location={pki.server_p12}
 {listener}.ssl.keystore.password={P12_PASSWORD}
 {listener}.ssl.key.password={P12_PASSWORD}
+listener.name.ssl.ssl.keystore.type=PKCS12
+listener.name.ssl.ssl.keystore.location={pki.server_p12}
+listener.name.ssl.ssl.keystore.password={P12_PASSWORD}
+listener.name.ssl.ssl.key.password={P12_PASSWORD}
+listener.name.ssl.ssl.truststore.type=PEM
+listener.name.ssl.ssl.truststore.location={pki.ca}
+listener.name.ssl.ssl.client.auth=required
 log.dirs={data}
 num.partitions=1
 default.replication.factor=1
@@ -285,7 +310,13 @@ log4j.logger.state.change.logger=WARN
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"private Kafka did not start:\n{_tail(logs / 'server.log')}")
             time.sleep(0.3)
-        yield SecureKafka(f"localhost:{port}", f"localhost:{port + 2}", username, password)
+        yield SecureKafka(
+            f"localhost:{port}",
+            f"localhost:{port + 2}",
+            f"localhost:{port + 3}",
+            username,
+            password,
+        )
     finally:
         _stop(process)
 
@@ -297,8 +328,10 @@ class SecurePostgres:
 
     port: int
 
-    def url(self, host: str = "localhost", database: str = "postgres") -> str:
-        return f"postgresql+asyncpg://postgres@{host}:{self.port}/{database}"
+    def url(
+        self, host: str = "localhost", database: str = "postgres", user: str = "postgres"
+    ) -> str:
+        return f"postgresql+asyncpg://{user}@{host}:{self.port}/{database}"
 
 
 def _as_postgres(*command: str) -> list[str]:
@@ -308,7 +341,8 @@ def _as_postgres(*command: str) -> list[str]:
 
 @contextlib.contextmanager
 def secure_postgres(pki: Pki, port: int = 15432) -> Iterator[SecurePostgres]:
-    """initdb + pg_ctl on `port`: `hostssl` lines only in pg_hba.conf, the server
+    """initdb + pg_ctl on `port`: `hostssl` lines only in pg_hba.conf (the user
+    CLIENT_USER authenticates by client certificate, the others are trusted), the server
     certificate from `pki`. Its directory is a temp one of its own (the postgres user
     must be able to reach it), removed after."""
     directory = Path(tempfile.mkdtemp(prefix="sync-service-pg-"))
@@ -329,7 +363,8 @@ def _running_postgres(directory: Path, data: Path, pki: Pki, port: int) -> Itera
                      "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C.UTF-8"),
         timeout=120,
     )  # fmt: skip
-    for source, name in ((pki.server_cert, "server.crt"), (pki.server_key, "server.key")):
+    files = ((pki.server_cert, "server.crt"), (pki.server_key, "server.key"), (pki.ca, "root.crt"))
+    for source, name in files:
         target = data / name
         shutil.copyfile(source, target)
         target.chmod(0o600)
@@ -340,10 +375,15 @@ def _running_postgres(directory: Path, data: Path, pki: Pki, port: int) -> Itera
             f"port = {port}\nlisten_addresses = 'localhost'\n"
             f"unix_socket_directories = '{directory}'\nssl = on\n"
             "ssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+            "ssl_ca_file = 'root.crt'\n"
             "fsync = off\nmax_connections = 40\nshared_buffers = 32MB\n"
         )
     (data / "pg_hba.conf").write_text(
-        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n"
+        "local all all trust\n"
+        f"hostssl all {CLIENT_USER} 127.0.0.1/32 cert\n"
+        f"hostssl all {CLIENT_USER} ::1/128 cert\n"
+        "hostssl all all 127.0.0.1/32 trust\n"
+        "hostssl all all ::1/128 trust\n"
     )
     log = directory / "postgres.log"
     _run(
@@ -352,6 +392,11 @@ def _running_postgres(directory: Path, data: Path, pki: Pki, port: int) -> Itera
         timeout=90,
     )  # fmt: skip
     try:
+        _run(
+            _as_postgres(str(PG_BIN / "psql"), "-h", str(directory), "-p", str(port),
+                         "-U", "postgres", "-c", f"CREATE ROLE {CLIENT_USER} LOGIN SUPERUSER"),
+            timeout=60,
+        )  # fmt: skip
         yield SecurePostgres(port)
     finally:
         subprocess.run(

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from aiokafka.errors import KafkaConnectionError
 from pydantic import SecretStr
@@ -38,6 +39,7 @@ from tests.integration.harness import (
     wait_until,
 )
 from tests.integration.private_servers import (
+    CLIENT_USER,
     Pki,
     SecureKafka,
     SecurePostgres,
@@ -254,6 +256,57 @@ async def test_plaintext_to_the_tls_only_database_is_one_line_that_says_so(
         f"sync-service: PostgreSQL at localhost:{database_server.port} accepts only TLS "
         "connections: set SYNC_DATABASE_SSLMODE=verify-full (and SYNC_DATABASE_SSLROOTCERT)"
     )
+
+
+async def test_mutual_tls_to_kafka_needs_the_client_certificate(
+    secure: Settings, broker: SecureKafka, pki: Pki
+) -> None:
+    mutual = secure.model_copy(
+        update={
+            "kafka_bootstrap": broker.mutual_tls,
+            "kafka_security_protocol": "SSL",
+            "kafka_sasl_mechanism": None,
+            "kafka_sasl_username": None,
+            "kafka_sasl_password": None,
+        }
+    )
+    line = await _refused(mutual, "offsets")
+    assert line.startswith(
+        f"sync-service: Kafka at {broker.mutual_tls} refused the connection: the server "
+        "requires a client certificate ("
+    )
+    assert line.endswith(
+        "set SYNC_KAFKA_SSL_CERTFILE and SYNC_KAFKA_SSL_KEYFILE (SYNC_KAFKA_SECURITY_PROTOCOL=SSL)"
+    )
+    with_certificate = mutual.model_copy(
+        update={"kafka_ssl_certfile": pki.client_cert, "kafka_ssl_keyfile": pki.client_key}
+    )
+    await create_topics(with_certificate)
+    accepted = await cli(with_certificate, "offsets", "--json")
+    assert accepted.code == 0, accepted
+    assert {p["topic"] for p in orjson.loads(accepted.stdout)["partitions"]} == {
+        secure.users_topic,
+        secure.orders_topic,
+    }
+
+
+async def test_a_database_that_authenticates_by_certificate(
+    secure: Settings, pki: Pki, database_server: SecurePostgres
+) -> None:
+    database = make_url(secure.database_url).database or ""
+    as_client = secure.model_copy(
+        update={"database_url": database_server.url(database=database, user=CLIENT_USER)}
+    )
+    line = await _refused(as_client, "dlq", "list")
+    assert line == (
+        f"sync-service: PostgreSQL at localhost:{database_server.port} requires a client "
+        "certificate: set SYNC_DATABASE_SSLCERT and SYNC_DATABASE_SSLKEY"
+    )
+    with_certificate = as_client.model_copy(
+        update={"database_sslcert": pki.client_cert, "database_sslkey": pki.client_key}
+    )
+    accepted = await cli(with_certificate, "dlq", "list")
+    assert accepted.code == 0, accepted
 
 
 async def test_the_consumer_retries_a_refusing_broker_and_says_why(

@@ -222,15 +222,18 @@ def _verification_error(code: int, message: str) -> ssl.SSLCertVerificationError
 def test_tls_failures_read_as_their_cause() -> None:
     mismatch = _verification_error(62, "Hostname mismatch, certificate is not valid for 'x'.")
     untrusted = _verification_error(20, "unable to get local issuer certificate")
-    assert tls.explain(mismatch, "x", "SYNC_KAFKA_SSL_CAFILE") == (
+    assert tls.explain(mismatch, "x", "SYNC_KAFKA_SSL_CAFILE", "", has_cert=False) == (
         "host name mismatch: the server's certificate is not valid for 'x' "
         "(connect by a name the certificate lists)"
     )
-    assert tls.explain(untrusted, "x", "SYNC_KAFKA_SSL_CAFILE") == (
+    assert tls.explain(untrusted, "x", "SYNC_KAFKA_SSL_CAFILE", "", has_cert=False) == (
         "server certificate not trusted by SYNC_KAFKA_SSL_CAFILE "
         "(unable to get local issuer certificate)"
     )
-    assert tls.explain(ConnectionRefusedError(), "x", "SYNC_KAFKA_SSL_CAFILE") is None
+    assert (
+        tls.explain(ConnectionRefusedError(), "x", "SYNC_KAFKA_SSL_CAFILE", "", has_cert=False)
+        is None
+    )
 
 
 def test_kafka_refusals_read_as_their_cause(tmp_path: Path) -> None:
