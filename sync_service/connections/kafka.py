@@ -143,8 +143,9 @@ class _Watch(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
         error = next((a for a in args if isinstance(a, BaseException)), None)
-        if isinstance(error, _REFUSALS):
-            host = str(args[0]) if len(args) == 3 else "the broker's advertised address"
+        if error is not None and _is_refusal(error):
+            # (host, port, error) when bootstrapping, (node id, error) for a broker
+            host = str(args[0]) if len(args) == 3 else f"broker {args[0]}'s advertised host"
             cause = explain(error, host, self.settings)
             if REFUSAL.set(cause):  # the clients retry often: say it once, in words
                 log.warning("Kafka refuses this client (retrying): %s", cause)
@@ -238,13 +239,19 @@ async def _tls_refusal(host: str, port: int, context: ssl.SSLContext) -> BaseExc
     return None
 
 
-_REFUSALS = (
-    SaslAuthenticationFailed,
-    UnsupportedSaslMechanismError,
-    IllegalSaslStateError,
-    ssl.SSLError,
-)
-"""Errors that only a broker refusing this client raises, never an outage."""
+def _is_refusal(error: BaseException) -> bool:
+    """Whether only a broker refusing this client raises `error` (never an outage): a
+    SASL failure, a certificate that does not verify, a TLS alert from the broker."""
+    refusals = (
+        SaslAuthenticationFailed,
+        UnsupportedSaslMechanismError,
+        IllegalSaslStateError,
+        ssl.SSLCertVerificationError,
+    )
+    return isinstance(error, refusals) or (
+        isinstance(error, ssl.SSLError) and "ALERT" in str(error)
+    )
+
 
 _EXPECTS = {
     "PLAINTEXT": "TLS or SASL (SASL_SSL, SSL)",

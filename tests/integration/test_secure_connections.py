@@ -159,14 +159,20 @@ async def test_the_service_drains_and_relays_exactly_once_over_sasl_ssl_and_veri
     assert over_tls is True
 
 
-async def test_a_wrong_kafka_password_is_one_line_that_says_so(secure: Settings) -> None:
-    line = await _refused(secure, "offsets", SYNC_KAFKA_SASL_PASSWORD="not-the-password")
-    assert line == (
-        f"sync-service: Kafka at {secure.kafka_bootstrap} refused the connection: wrong "
-        f"credentials: SASL SCRAM-SHA-512 authentication of {secure.kafka_sasl_username!r} "
-        "failed (SYNC_KAFKA_SASL_USERNAME, SYNC_KAFKA_SASL_PASSWORD)"
+async def test_a_wrong_kafka_password_is_one_line_that_says_so_from_every_command(
+    secure: Settings,
+) -> None:
+    replay = ("replay", "--topic", secure.users_topic, "--partition", "0", "--from-offset", "0")
+    commands = [("offsets",), ("run",), ("consume",), ("relay",), replay, ("demo",)]
+    lines = await asyncio.gather(
+        *(_refused(secure, *c, SYNC_KAFKA_SASL_PASSWORD="not-the-password") for c in commands)
     )
-    assert "not-the-password" not in line
+    for line in lines:
+        assert line == (
+            f"sync-service: Kafka at {secure.kafka_bootstrap} refused the connection: wrong "
+            f"credentials: SASL SCRAM-SHA-512 authentication of {secure.kafka_sasl_username!r} "
+            "failed (SYNC_KAFKA_SASL_USERNAME, SYNC_KAFKA_SASL_PASSWORD)"
+        )
 
 
 async def test_a_broker_certificate_from_another_ca_is_one_line_that_says_so(

@@ -4,6 +4,7 @@ refused with one line, and refusals read as what they are."""
 from __future__ import annotations
 
 import ast
+import logging
 import os
 import re
 import ssl
@@ -270,3 +271,30 @@ def test_every_setting_the_deployment_files_name_exists() -> None:
     assert named, "no SYNC_* settings found under deploy/"
     unknown = sorted((f, n) for f, n in named if n not in known | compose_only)
     assert not unknown
+
+
+def _aiokafka_error(*args: object) -> logging.LogRecord:
+    return logging.LogRecord("aiokafka", logging.ERROR, "client.py", 1, "%s: %s", args, None)
+
+
+def test_the_watch_records_refusals_in_aiokafka_s_reconnects_but_not_outages() -> None:
+    kafka.REFUSAL.set(None)
+    watch = kafka._Watch(_sasl_ssl())
+    try:
+        watch.filter(_aiokafka_error(1, KafkaConnectionError("Connection at b:9093 closed")))
+        watch.filter(_aiokafka_error(1, ssl.SSLEOFError(8, "EOF occurred")))
+        assert kafka.REFUSAL.cause is None
+        assert watch.filter(_aiokafka_error(1, SaslAuthenticationFailed())) is True
+        assert kafka.REFUSAL.cause is not None
+        assert kafka.REFUSAL.cause.startswith("wrong credentials")
+    finally:
+        kafka.REFUSAL.set(None)
+
+
+def test_a_refusal_no_longer_seen_no_longer_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    refusals = kafka._Refusals()
+    assert refusals.set("wrong credentials") is True
+    assert refusals.set("wrong credentials") is False
+    assert refusals.cause == "wrong credentials"
+    monkeypatch.setattr(kafka._Refusals, "FRESH_S", -1.0)
+    assert refusals.cause is None
