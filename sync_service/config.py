@@ -140,6 +140,12 @@ class Settings(BaseSettings):
                 f"{', '.join(given)} set, but SYNC_DATABASE_SSLMODE is "
                 f"{self.database_sslmode or 'unset'}: set it to verify-full"
             )
+        if self.database_sslmode == "require" and self.database_sslrootcert:
+            # libpq would then verify the chain after all; say which mode does that instead
+            raise ValueError(
+                "SYNC_DATABASE_SSLROOTCERT set, but SYNC_DATABASE_SSLMODE=require does not "
+                "verify the server: set it to verify-full"
+            )
         if bool(self.database_sslcert) != bool(self.database_sslkey):
             raise ValueError("SYNC_DATABASE_SSLCERT and SYNC_DATABASE_SSLKEY go together")
         return self

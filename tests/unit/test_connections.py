@@ -150,6 +150,11 @@ def test_the_password_is_never_shown_by_the_settings(tmp_path: Path) -> None:
             "set it to verify-full",
         ),
         (
+            {"database_sslmode": "require", "database_sslrootcert": __file__},
+            "SYNC_DATABASE_SSLROOTCERT set, but SYNC_DATABASE_SSLMODE=require does not verify "
+            "the server: set it to verify-full",
+        ),
+        (
             {"database_sslmode": "verify-full", "database_sslcert": __file__},
             "SYNC_DATABASE_SSLCERT and SYNC_DATABASE_SSLKEY go together",
         ),
