@@ -96,7 +96,7 @@ class _Refusals:
     is on), for `/readyz`: it counts while it keeps being seen, and ends when a client
     starts or when it was not seen for `FRESH_S` (clients retry far more often)."""
 
-    FRESH_S = 60.0
+    FRESH_S = 30.0
 
     def __init__(self) -> None:
         self._cause: str | None = None
@@ -120,14 +120,16 @@ REFUSAL = _Refusals()
 
 async def start(client: Startable, settings: Settings) -> None:
     """Start `client`; a broker that refuses it raises `KafkaRefused` with the cause,
-    one that cannot be reached at all raises aiokafka's own connection error."""
+    brokers that cannot be reached at all a plain `KafkaConnectionError`."""
     try:
         await client.start()
     except KafkaConnectionError as error:
         cause = await diagnose(settings)
         REFUSAL.set(cause)
-        if cause is None:
-            raise
+        if cause is None:  # aiokafka's own words list the parsed address tuples
+            raise KafkaConnectionError(
+                f"cannot reach Kafka at {settings.kafka_bootstrap}"
+            ) from error
         raise KafkaRefused(settings.kafka_bootstrap, cause) from error
     REFUSAL.set(None)
 

@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -48,6 +47,8 @@ class Pki:
     server_key: Path
     server_p12: Path
     """The server's key and certificate chain for Java (PKCS#12, password P12_PASSWORD)."""
+    other_server_p12: Path
+    """The same for a server certificate that the unrelated CA issued."""
     client_cert: Path
     client_key: Path
     """A client certificate from the CA, for the user CLIENT_USER (mutual TLS)."""
@@ -128,11 +129,18 @@ def _issue(
     return key, cert
 
 
+def _keystore(
+    key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, ca: x509.Certificate
+) -> bytes:
+    encryption = serialization.BestAvailableEncryption(P12_PASSWORD.encode())
+    return pkcs12.serialize_key_and_certificates(b"server", key, cert, [ca], encryption)
+
+
 def make_pki(directory: Path) -> Pki:
     """Write a throwaway PKI under `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca = _ca("sync-service test CA")
-    _, other = _ca("sync-service unrelated CA")
+    other_key, other = _ca("sync-service unrelated CA")
     key, cert = _issue(ca_key, ca, "localhost")
     pem = serialization.Encoding.PEM
     paths = Pki(
@@ -141,6 +149,7 @@ def make_pki(directory: Path) -> Pki:
         server_cert=directory / "server.pem",
         server_key=directory / "server.key",
         server_p12=directory / "server.p12",
+        other_server_p12=directory / "other-server.p12",
         client_cert=directory / "client.pem",
         client_key=directory / "client.key",
     )
@@ -158,22 +167,12 @@ def make_pki(directory: Path) -> Pki:
             pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    paths.server_p12.write_bytes(
-        pkcs12.serialize_key_and_certificates(
-            b"server", key, cert, [ca],
-            serialization.BestAvailableEncryption(P12_PASSWORD.encode()),
-        )
-    )  # fmt: skip
+    paths.server_p12.write_bytes(_keystore(key, cert, ca))
+    paths.other_server_p12.write_bytes(_keystore(*_issue(other_key, other, "localhost"), other))
     return paths
 
 
 # ----------------------------------------------------------------------------- processes
-def _port_open(port: int) -> bool:
-    with contextlib.closing(socket.socket()) as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _run(command: list[str], timeout: float) -> None:
     done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
     if done.returncode != 0:
@@ -200,59 +199,107 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 # ----------------------------------------------------------------------------- Kafka
-@dataclass(frozen=True)
 class SecureKafka:
-    """A running private broker."""
+    """A private broker that can be restarted, with another server certificate too."""
 
-    sasl_ssl: str
-    """bootstrap of the SASL_SSL (SCRAM-SHA-512) listener: TLS only."""
-    plaintext: str
-    """bootstrap of the plaintext listener (the broker's own, for inter-broker traffic)."""
-    mutual_tls: str
-    """bootstrap of the SSL listener that requires a client certificate from the CA."""
-    username: str
-    password: str
+    def __init__(self, directory: Path, pki: Pki, port: int) -> None:
+        self.sasl_ssl = f"localhost:{port}"
+        """bootstrap of the SASL_SSL (SCRAM-SHA-512) listener: TLS only."""
+        self.plaintext = f"localhost:{port + 2}"
+        """bootstrap of the plaintext listener (the broker's own, for inter-broker traffic)."""
+        self.mutual_tls = f"localhost:{port + 3}"
+        """bootstrap of the SSL listener that requires a client certificate from the CA."""
+        self.username, self.password = "sync-service", secrets.token_urlsafe(12)
+        self._pki = pki
+        self._keystore = directory / "server.p12"
+        """What both TLS listeners present: a copy of one of the PKI's keystores."""
+        self._logs = directory / "logs"
+        self._process: subprocess.Popen[bytes] | None = None
+        data = directory / "data"
+        data.mkdir(parents=True)
+        self._logs.mkdir()
+        self._props = directory / "server.properties"
+        self._props.write_text(_broker_config(port, data, self._keystore, pki))
+        log4j = directory / "log4j.properties"
+        log4j.write_text(_LOG4J.format(logs=self._logs))
+        self._java = [
+            "java", "-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{log4j}", f"-Dkafka.logs.dir={self._logs}",
+            "-cp", f"{KAFKA_LIBS}/*",
+        ]  # fmt: skip
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # one starting with '-' reads as an option
+            cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
+        scram = f"SCRAM-SHA-512=[name={self.username},password={self.password}]"
+        _run(
+            [*self._java, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+             "-c", str(self._props), "--add-scram", scram],
+            timeout=120,
+        )  # fmt: skip
+
+    def start(self, keystore: Path | None = None) -> None:
+        """Start (again), presenting `keystore` (default: the PKI's server keystore)."""
+        shutil.copyfile(keystore or self._pki.server_p12, self._keystore)
+        log = self._logs / "server.log"
+        offset = log.stat().st_size if log.exists() else 0
+        with (self._logs / "kafka.out").open("ab") as out:
+            self._process = subprocess.Popen(
+                [*self._java, "kafka.Kafka", str(self._props)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 180
+        while "Kafka Server started" not in _read_from(log, offset):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"private Kafka did not start:\n{_tail(log)}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
+            self._process = None
 
 
-@contextlib.contextmanager
-def secure_kafka(directory: Path, pki: Pki, port: int = 19092) -> Iterator[SecureKafka]:
-    """A single-node KRaft broker: SASL_SSL on `port`, the controller on `port + 1`, a
-    plaintext listener on `port + 2` and an SSL one that requires a client certificate on
-    `port + 3`; one SCRAM-SHA-512 user, made when storage is formatted."""
-    if not any(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
-        raise RuntimeError(f"no Kafka jars in {KAFKA_LIBS}: run scripts/services up once")
-    data, logs = directory / "data", directory / "logs"
-    data.mkdir(parents=True)
-    logs.mkdir()
-    username, password = "sync-service", secrets.token_urlsafe(12)
-    listener = "listener.name.sasl_ssl"
-    props = directory / "server.properties"
+_LOG4J = """log4j.rootLogger=INFO, server
+log4j.appender.server=org.apache.log4j.FileAppender
+log4j.appender.server.File={logs}/server.log
+log4j.appender.server.layout=org.apache.log4j.PatternLayout
+log4j.appender.server.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.state.change.logger=WARN
+"""
+
+
+def _broker_config(port: int, data: Path, keystore: Path, pki: Pki) -> str:
     listeners = (
         f"SASL_SSL://localhost:{port},CONTROLLER://localhost:{port + 1},"
         f"PLAINTEXT://localhost:{port + 2},SSL://localhost:{port + 3}"
     )
+    advertised = listeners.replace(f",CONTROLLER://localhost:{port + 1}", "")
     protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL"
     scram_login = "org.apache.kafka.common.security.scram.ScramLoginModule"
-    props.write_text(
-        f"""process.roles=broker,controller
+    tls = "".join(
+        f"""listener.name.{name}.ssl.keystore.type=PKCS12
+listener.name.{name}.ssl.keystore.location={keystore}
+listener.name.{name}.ssl.keystore.password={P12_PASSWORD}
+listener.name.{name}.ssl.key.password={P12_PASSWORD}
+"""
+        for name in ("sasl_ssl", "ssl")
+    )
+    return f"""process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@localhost:{port + 1}
 controller.listener.names=CONTROLLER
 listeners={listeners}
-advertised.listeners={listeners.replace(f",CONTROLLER://localhost:{port + 1}", "")}
+advertised.listeners={advertised}
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map={protocols}
 sasl.enabled.mechanisms=SCRAM-SHA-512
-{listener}.scram-sha-512.sasl.jaas.config={scram_login} required;
-{listener}.ssl.keystore.type=PKCS12
-{listener}.ssl.keystore.location={pki.server_p12}
-{listener}.ssl.keystore.password={P12_PASSWORD}
-{listener}.ssl.key.password={P12_PASSWORD}
-listener.name.ssl.ssl.keystore.type=PKCS12
-listener.name.ssl.ssl.keystore.location={pki.server_p12}
-listener.name.ssl.ssl.keystore.password={P12_PASSWORD}
-listener.name.ssl.ssl.key.password={P12_PASSWORD}
-listener.name.ssl.ssl.truststore.type=PEM
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram_login} required;
+{tls}listener.name.ssl.ssl.truststore.type=PEM
 listener.name.ssl.ssl.truststore.location={pki.ca}
 listener.name.ssl.ssl.client.auth=required
 log.dirs={data}
@@ -269,56 +316,30 @@ group.initial.rebalance.delay.ms=0
 num.network.threads=2
 num.io.threads=2
 """
-    )
-    log4j = directory / "log4j.properties"
-    log4j.write_text(
-        f"""log4j.rootLogger=INFO, server
-log4j.appender.server=org.apache.log4j.FileAppender
-log4j.appender.server.File={logs}/server.log
-log4j.appender.server.layout=org.apache.log4j.PatternLayout
-log4j.appender.server.layout.ConversionPattern=[%d] %p %m (%c)%n
-log4j.logger.kafka.request.logger=WARN
-log4j.logger.state.change.logger=WARN
-"""
-    )
-    java = [
-        "java", "-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-        f"-Dlog4j.configuration=file:{log4j}", f"-Dkafka.logs.dir={logs}",
-        "-cp", f"{KAFKA_LIBS}/*",
-    ]  # fmt: skip
-    cluster_id = "-"
-    while cluster_id.startswith("-"):  # one starting with '-' reads as an option
-        cluster_id = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
-    _run(
-        [
-            *java, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props),
-            "--add-scram", f"SCRAM-SHA-512=[name={username},password={password}]",
-        ],
-        timeout=120,
-    )  # fmt: skip
-    with (logs / "kafka.out").open("wb") as out:
-        process = subprocess.Popen(
-            [*java, "kafka.Kafka", str(props)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+
+
+def _read_from(path: Path, offset: int) -> str:
     try:
-        deadline = time.monotonic() + 180
-        while "Kafka Server started" not in _tail(logs / "server.log", 200):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private Kafka did not start:\n{_tail(logs / 'server.log')}")
-            time.sleep(0.3)
-        yield SecureKafka(
-            f"localhost:{port}",
-            f"localhost:{port + 2}",
-            f"localhost:{port + 3}",
-            username,
-            password,
-        )
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def secure_kafka(directory: Path, pki: Pki, port: int = 19092) -> Iterator[SecureKafka]:
+    """A single-node KRaft broker: SASL_SSL on `port`, the controller on `port + 1`, a
+    plaintext listener on `port + 2` and an SSL one that requires a client certificate on
+    `port + 3`; one SCRAM-SHA-512 user, made when storage is formatted."""
+    if not any(KAFKA_LIBS.glob("kafka_2.13-*.jar")):
+        raise RuntimeError(f"no Kafka jars in {KAFKA_LIBS}: run scripts/services up once")
+    broker = SecureKafka(directory, pki, port)
+    broker.start()
+    try:
+        yield broker
     finally:
-        _stop(process)
+        broker.stop()
 
 
 # ----------------------------------------------------------------------------- PostgreSQL

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -362,6 +363,8 @@ async def test_refusals_in_aiokafka_s_own_reconnects_are_recorded(
     finally:
         await client.stop()
         library.setLevel(level)
+        for watch in [f for f in library.filters if isinstance(f, kafka._Watch)]:
+            library.removeFilter(watch)
 
 
 async def test_readyz_shows_a_refusal_while_the_service_runs(
@@ -390,6 +393,87 @@ async def test_readyz_shows_a_refusal_while_the_service_runs(
             assert response.status == 503
     assert body["checks"]["kafka"].startswith("wrong credentials: SASL SCRAM-SHA-512")
     assert "not-the-password" not in str(body)
+
+
+async def test_a_running_service_says_why_kafka_refuses_it_and_recovers(
+    secure: Settings, broker: SecureKafka, pki: Pki, tmp_path: Path
+) -> None:
+    """The broker comes back presenting a certificate from another CA: the service keeps
+    running and retrying, `/readyz` and the log say why; when the broker is right again,
+    it carries on where it was, exactly once."""
+    run = uuid.uuid4().hex[:6]
+    settings = secure.model_copy(
+        update={
+            "group_id": f"{run}-group",
+            "users_topic": f"{run}.users",
+            "orders_topic": f"{run}.orders",
+            "out_users_topic": f"{run}.out.users",
+            "out_orders_topic": f"{run}.out.orders",
+            "relay_transactional_id": f"{run}-relay",
+            "relay_position_topic": f"{run}.relay-position",
+            "http_port": free_port(),
+        }
+    )
+    await create_topics(settings)
+    await create_out_topics(settings)
+    before = [user_event(i, 1) for i in range(1, 21)]
+    after = [user_event(i, 2, name="Ada") for i in range(1, 21)]
+    await produce(settings, settings.users_topic, before)
+    log = tmp_path / "service.log"
+    ready = f"http://127.0.0.1:{settings.http_port}/readyz"
+    engine = make_engine(settings)
+    async with _service(settings, log) as service, aiohttp.ClientSession() as http:
+
+        async def readiness() -> tuple[int, dict[str, Any]]:
+            try:
+                async with http.get(ready) as response:
+                    return response.status, await response.json()
+            except aiohttp.ClientConnectionError:
+                return 0, {}
+
+        async def applied(version: int) -> bool:
+            async with engine.connect() as connection:
+                rows = await connection.execute(
+                    text("SELECT count(*) FROM users WHERE id <= 20 AND version = :v"),
+                    {"v": version},
+                )
+                return rows.scalar() == 20
+
+        await wait_until(lambda: applied(1), within=90, what="the first 20 users")
+        try:
+            await asyncio.to_thread(broker.stop)
+            await asyncio.to_thread(broker.start, pki.other_server_p12)
+
+            async def refused() -> bool:
+                status, body = await readiness()
+                why = body.get("checks", {}).get("kafka") or ""
+                return status == 503 and "server certificate not trusted" in why
+
+            await wait_until(refused, within=120, what="/readyz to say why Kafka refuses")
+            assert service.returncode is None, log.read_text()
+        finally:
+            await asyncio.to_thread(broker.stop)
+            await asyncio.to_thread(broker.start)
+        await produce(settings, settings.users_topic, after)
+        await wait_until(lambda: applied(2), within=120, what="the next 20 users")
+
+        async def ready_again() -> bool:
+            return (await readiness())[0] == 200
+
+        await wait_until(ready_again, within=120, what="/readyz to answer 200 again")
+        async with Downstream(settings) as downstream:
+            await downstream.wait_for(len(before) + len(after), patience_s=120)
+            published = await downstream.drain()
+    await engine.dispose()
+
+    assert service.returncode == 0, log.read_text()
+    assert_exactly_once(
+        published, [downstream_event_id(uuid.UUID(e["event_id"])) for e in [*before, *after]]
+    )
+    said = [line for line in log.read_text().splitlines() if "refuses this client" in line]
+    assert said, log.read_text()[-3000:]
+    assert "server certificate not trusted by SYNC_KAFKA_SSL_CAFILE" in said[0]
+    assert "Traceback" not in log.read_text()
 
 
 async def _refused(settings: Settings, *args: str, **env: str) -> str:
