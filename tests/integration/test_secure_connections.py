@@ -79,8 +79,13 @@ def database_server(pki: Pki) -> Iterator[SecurePostgres]:
 
 @pytest.fixture(scope="module")
 async def secure(pki: Pki, broker: SecureKafka, database_server: SecurePostgres) -> Settings:
-    """Settings for both private servers, verified TLS throughout; the database is
-    created over TLS and migrated by `sync-service db upgrade` over TLS."""
+    return await _fresh(pki, broker, database_server)
+
+
+async def _fresh(pki: Pki, broker: SecureKafka, database_server: SecurePostgres) -> Settings:
+    """Settings for both private servers, verified TLS throughout, with topics, group,
+    relay and database of their own; the database is created over TLS and migrated by
+    `sync-service db upgrade` over TLS."""
     run = f"conn{uuid.uuid4().hex[:6]}"
     settings = Settings(
         kafka_bootstrap=broker.sasl_ssl,
@@ -396,28 +401,18 @@ async def test_readyz_shows_a_refusal_while_the_service_runs(
 
 
 async def test_a_running_service_says_why_kafka_refuses_it_and_recovers(
-    secure: Settings, broker: SecureKafka, pki: Pki, tmp_path: Path
+    broker: SecureKafka, database_server: SecurePostgres, pki: Pki, tmp_path: Path
 ) -> None:
     """The broker comes back presenting a certificate from another CA: the service keeps
     running and retrying, `/readyz` and the log say why; when the broker is right again,
     it carries on where it was, exactly once."""
-    run = uuid.uuid4().hex[:6]
-    settings = secure.model_copy(
-        update={
-            "group_id": f"{run}-group",
-            "users_topic": f"{run}.users",
-            "orders_topic": f"{run}.orders",
-            "out_users_topic": f"{run}.out.users",
-            "out_orders_topic": f"{run}.out.orders",
-            "relay_transactional_id": f"{run}-relay",
-            "relay_position_topic": f"{run}.relay-position",
-            "http_port": free_port(),
-        }
-    )
+    fresh = await _fresh(pki, broker, database_server)  # a relay of its own: its own outbox
+    settings = fresh.model_copy(update={"http_port": free_port()})
     await create_topics(settings)
     await create_out_topics(settings)
-    before = [user_event(i, 1) for i in range(1, 21)]
-    after = [user_event(i, 2, name="Ada") for i in range(1, 21)]
+    ids = range(1, 21)
+    before = [user_event(i, 1) for i in ids]
+    after = [user_event(i, 2, name="Ada") for i in ids]
     await produce(settings, settings.users_topic, before)
     log = tmp_path / "service.log"
     ready = f"http://127.0.0.1:{settings.http_port}/readyz"
@@ -434,8 +429,8 @@ async def test_a_running_service_says_why_kafka_refuses_it_and_recovers(
         async def applied(version: int) -> bool:
             async with engine.connect() as connection:
                 rows = await connection.execute(
-                    text("SELECT count(*) FROM users WHERE id <= 20 AND version = :v"),
-                    {"v": version},
+                    text("SELECT count(*) FROM users WHERE id BETWEEN :a AND :b AND version = :v"),
+                    {"a": ids[0], "b": ids[-1], "v": version},
                 )
                 return rows.scalar() == 20
 
