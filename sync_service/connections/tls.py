@@ -9,6 +9,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from sync_service.errors import UserError
+
 NAME_MISMATCH = frozenset({62, 64})
 """OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
 
@@ -21,14 +23,37 @@ def client_context(
     verify: bool = True,
     check_hostname: bool = True,
 ) -> ssl.SSLContext:
-    """A client context; `certfile`/`keyfile` present a client certificate (mutual TLS)."""
-    context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    """A client context; `certfile`/`keyfile` present a client certificate (mutual TLS).
+    Files that cannot be used are a `UserError` (an encrypted key too: nothing here could
+    ask for its password)."""
+    try:
+        context = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    except ssl.SSLError as error:
+        raise UserError(f"cannot use the CA file {cafile}: {error.reason or error}") from None
     context.check_hostname = verify and check_hostname
     if not verify:
         context.verify_mode = ssl.CERT_NONE
     if certfile is not None:
-        context.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
+        try:
+            context.load_cert_chain(
+                str(certfile), str(keyfile) if keyfile else None, password=_no_password
+            )
+        except _EncryptedKey as error:
+            raise UserError(f"cannot use the client key {keyfile}: {error}") from None
+        except ssl.SSLError as error:
+            raise UserError(
+                f"cannot use the client certificate {certfile} with the key {keyfile}: they "
+                f"are not a PEM certificate and its private key ({error.reason or error})"
+            ) from None
     return context
+
+
+class _EncryptedKey(Exception):
+    """OpenSSL asked for the key's password."""
+
+
+def _no_password() -> str:
+    raise _EncryptedKey("the key is encrypted; give an unencrypted (PEM, PKCS#8) key")
 
 
 _CLIENT_REFUSED = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNSUPPORTED_CERTIFICATE",

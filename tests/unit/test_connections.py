@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 from aiokafka.errors import IllegalSaslStateError, KafkaConnectionError, SaslAuthenticationFailed
+from cryptography.hazmat.primitives import serialization
 from pydantic import SecretStr, ValidationError
 
 from sync_service.config import Settings
 from sync_service.connections import kafka, postgres, tls
+from sync_service.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parents[2] / "sync_service"
 KAFKA_CLIENTS = {"AIOKafkaConsumer", "AIOKafkaProducer", "AIOKafkaAdminClient"}
@@ -303,3 +305,27 @@ def test_a_refusal_no_longer_seen_no_longer_counts(monkeypatch: pytest.MonkeyPat
     assert refusals.cause == "wrong credentials"
     monkeypatch.setattr(kafka._Refusals, "FRESH_S", -1.0)
     assert refusals.cause is None
+
+
+def test_tls_files_that_cannot_be_used_are_one_line(tmp_path: Path) -> None:
+    from tests.integration.private_servers import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    encrypted = tmp_path / "client.key"
+    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    assert tls.client_context(pki.ca, pki.client_cert, pki.client_key).verify_mode
+    with pytest.raises(UserError, match=f"^cannot use the CA file {not_pem}: "):
+        tls.client_context(not_pem)
+    with pytest.raises(UserError, match="the key is encrypted; give an unencrypted"):
+        tls.client_context(None, pki.client_cert, encrypted)
+    with pytest.raises(UserError, match="are not a PEM certificate and its private key"):
+        tls.client_context(None, not_pem, not_pem)
