@@ -82,6 +82,24 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     @field_validator(
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "database_sslmode",
+        "database_sslrootcert",
+        "database_sslcert",
+        "database_sslkey",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`SYNC_KAFKA_SSL_CAFILE=` (as templates and env files often leave it) is unset."""
+        return None if value == "" else value
+
+    @field_validator(
         "kafka_ssl_cafile",
         "kafka_ssl_certfile",
         "kafka_ssl_keyfile",

@@ -87,6 +87,13 @@ def _sasl_ssl(**overrides: object) -> Settings:
     return Settings(**fields)  # type: ignore[arg-type]
 
 
+def test_an_empty_connection_setting_is_an_unset_one() -> None:
+    settings = Settings(kafka_sasl_mechanism="", kafka_ssl_cafile="", database_sslmode="")
+    assert settings.kafka_sasl_mechanism is None
+    assert settings.kafka_ssl_cafile is None
+    assert settings.database_sslmode is None
+
+
 def test_plaintext_options_carry_no_tls_and_no_sasl() -> None:
     options = kafka.client_options(Settings(kafka_bootstrap="localhost:9092"))
     assert options == {"bootstrap_servers": "localhost:9092", "security_protocol": "PLAINTEXT"}
