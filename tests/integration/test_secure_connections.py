@@ -1,6 +1,11 @@
 """The service over a Kafka that speaks only SASL_SSL (SCRAM-SHA-512) and a PostgreSQL that
 accepts only TLS, both private to this module and certified by a CA made here; and each
-way of getting the connection wrong, as the one line an operator reads."""
+way of getting the connection wrong, as the one line an operator reads.
+
+The broker listens on localhost:19092-19095 and PostgreSQL on localhost:15432 (both
+started once for the module, about 15 s, and stopped after it); they need Java and the
+Kafka jars of `scripts/services up`, and PostgreSQL 15's initdb (run as the postgres user
+when the tests run as root)."""
 
 from __future__ import annotations
 
