@@ -11,7 +11,8 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from sync_service.config import get_settings
+from sync_service.config import Settings, get_settings
+from sync_service.connections import postgres
 from sync_service.db.models import Base
 
 config = context.config
@@ -22,7 +23,7 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    return config.get_main_option("sqlalchemy.url") or get_settings().database_url
+    return config.get_main_option("sqlalchemy.url") or _settings().database_url
 
 
 def run_migrations_offline() -> None:
@@ -41,8 +42,15 @@ def _run(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _settings() -> Settings:
+    settings = config.attributes.get("settings")
+    return settings if isinstance(settings, Settings) else get_settings()
+
+
 async def run_migrations_online() -> None:
-    engine = create_async_engine(_url(), poolclass=pool.NullPool)
+    engine = create_async_engine(
+        _url(), poolclass=pool.NullPool, connect_args=postgres.connect_args(_settings())
+    )
     async with engine.connect() as connection:
         await connection.run_sync(_run)
     await engine.dispose()

@@ -57,8 +57,11 @@ def _settings() -> Settings:
         settings = get_settings()
     except ValidationError as error:
         first = error.errors()[0]
-        name = "SYNC_" + str(first["loc"][0]).upper() if first["loc"] else "SYNC_*"
-        raise UserError(f"bad setting {name}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across settings: the message names them
+            raise UserError(f"bad settings: {message}") from None
+        name = "SYNC_" + str(first["loc"][0]).upper()
+        raise UserError(f"bad setting {name}: {message}") from None
     configure_logging(
         "DEBUG" if _state["debug"] else settings.log_level,
         settings.log_format,

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +30,15 @@ class Settings(BaseSettings):
     # Kafka, outbound (CONTRACT section 4).
     out_users_topic: str = "sync.users"
     out_orders_topic: str = "sync.orders"
+    # Kafka connection security, for every client (consumer, relay, admin, commands).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(default=None, description="unset: the system's CAs")
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_check_hostname: bool = True
 
     # PostgreSQL and its pool.
     database_url: str = "postgresql+asyncpg://postgres@localhost:5432/sync"
@@ -38,6 +48,13 @@ class Settings(BaseSettings):
     pool_recycle: int = Field(default=1800, description="seconds; -1 never recycles")
     pool_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for a connection")
     statement_timeout_ms: int = Field(default=60_000, ge=0, description="0 = no limit")
+    # PostgreSQL TLS, for every connection (engine, the relay's LISTEN, Alembic, commands).
+    database_sslmode: Literal["disable", "require", "verify-ca", "verify-full"] | None = Field(
+        default=None, description="unset: as SYNC_DATABASE_URL says (asyncpg: prefer)"
+    )
+    database_sslrootcert: Path | None = Field(default=None, description="unset: system CAs")
+    database_sslcert: Path | None = None
+    database_sslkey: Path | None = None
 
     # Batching and backpressure.
     batch_max_events: int = Field(default=5_000, ge=1)
@@ -94,6 +111,93 @@ class Settings(BaseSettings):
 
         for name, value in super().__repr_args__():
             yield name, shown(name, value) if name is not None else value
+
+    @field_validator(
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "database_sslmode",
+        "database_sslrootcert",
+        "database_sslcert",
+        "database_sslkey",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`SYNC_KAFKA_SSL_CAFILE=` (as templates and env files often leave it) is unset."""
+        return None if value == "" else value
+
+    @field_validator(
+        "kafka_ssl_cafile",
+        "kafka_ssl_certfile",
+        "kafka_ssl_keyfile",
+        "database_sslrootcert",
+        "database_sslcert",
+        "database_sslkey",
+    )
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        """A certificate or key file that is not there fails at start, not at connect."""
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """Refuse combinations that cannot be what was meant (one line names them)."""
+        protocol = self.kafka_security_protocol
+        sasl = {
+            "SYNC_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+            "SYNC_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+            "SYNC_KAFKA_SASL_PASSWORD": self.kafka_sasl_password,
+        }
+        tls = {
+            "SYNC_KAFKA_SSL_CAFILE": self.kafka_ssl_cafile,
+            "SYNC_KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+            "SYNC_KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile,
+        }
+        if protocol.startswith("SASL_"):
+            missing = [name for name, value in sasl.items() if not value]
+            if missing:
+                raise ValueError(
+                    f"SYNC_KAFKA_SECURITY_PROTOCOL={protocol} needs {', '.join(missing)}"
+                )
+        elif given := [name for name, value in sasl.items() if value]:
+            raise ValueError(
+                f"{', '.join(given)} set, but SYNC_KAFKA_SECURITY_PROTOCOL={protocol} "
+                "does not use SASL: set it to SASL_SSL"
+            )
+        if not protocol.endswith("SSL") and (given := [n for n, v in tls.items() if v]):
+            raise ValueError(
+                f"{', '.join(given)} set, but SYNC_KAFKA_SECURITY_PROTOCOL={protocol} "
+                "does not use TLS: set it to SSL or SASL_SSL"
+            )
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("SYNC_KAFKA_SSL_CERTFILE and SYNC_KAFKA_SSL_KEYFILE go together")
+        pg_files = {
+            "SYNC_DATABASE_SSLROOTCERT": self.database_sslrootcert,
+            "SYNC_DATABASE_SSLCERT": self.database_sslcert,
+            "SYNC_DATABASE_SSLKEY": self.database_sslkey,
+        }
+        if self.database_sslmode in (None, "disable") and (
+            given := [n for n, v in pg_files.items() if v]
+        ):
+            raise ValueError(
+                f"{', '.join(given)} set, but SYNC_DATABASE_SSLMODE is "
+                f"{self.database_sslmode or 'unset'}: set it to verify-full"
+            )
+        if self.database_sslmode == "require" and self.database_sslrootcert:
+            # libpq would then verify the chain after all; say which mode does that instead
+            raise ValueError(
+                "SYNC_DATABASE_SSLROOTCERT set, but SYNC_DATABASE_SSLMODE=require does not "
+                "verify the server: set it to verify-full"
+            )
+        if bool(self.database_sslcert) != bool(self.database_sslkey):
+            raise ValueError("SYNC_DATABASE_SSLCERT and SYNC_DATABASE_SSLKEY go together")
+        return self
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from sync_service.config import Settings
+from sync_service.connections import kafka as connections
 from sync_service.errors import UserError
 
 
@@ -25,28 +27,35 @@ def quiet_connect_errors() -> Iterator[None]:
         library.setLevel(level)
 
 
-async def admin(bootstrap: str, timeout_ms: int = 10_000) -> AIOKafkaAdminClient:
+def unreachable(settings: Settings, error: BaseException) -> UserError:
+    """The one line for a client that could not start: why, when the broker refused it."""
+    if isinstance(error, connections.KafkaRefused):
+        return UserError(str(error.args[0]))
+    return UserError(
+        f"cannot reach Kafka at {settings.kafka_bootstrap} ({type(error).__name__}): "
+        "is it running? (scripts/services up; SYNC_KAFKA_BOOTSTRAP)"
+    )
+
+
+async def admin(settings: Settings, timeout_ms: int = 10_000) -> AIOKafkaAdminClient:
     """A started admin client, or a `UserError` when the broker does not answer."""
-    client = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    client = connections.admin(settings, request_timeout_ms=timeout_ms)
     try:
         with quiet_connect_errors():
-            await client.start()
+            await connections.start(client, settings)
     except (KafkaConnectionError, KafkaError, OSError) as error:
         await client.close()
-        raise UserError(
-            f"cannot reach Kafka at {bootstrap} ({type(error).__name__}): "
-            "is it running? (scripts/services up; SYNC_KAFKA_BOOTSTRAP)"
-        ) from None
+        raise unreachable(settings, error) from None
     return client
 
 
 async def require_topics(
-    bootstrap: str,
+    settings: Settings,
     topics: Iterable[str],
     hint: str = "create them (upstream owns them), or check SYNC_*_TOPIC",
 ) -> dict[str, int]:
     """The partition count of each topic; a `UserError` names any that does not exist."""
-    client = await admin(bootstrap)
+    client = await admin(settings)
     try:
         wanted = sorted(set(topics))
         described = await client.describe_topics(wanted)
@@ -61,16 +70,17 @@ async def require_topics(
             counts[topic["topic"]] = len(topic["partitions"])
     if missing:
         raise UserError(
-            f"topic(s) {', '.join(sorted(missing))} do not exist on {bootstrap}: {hint}"
+            f"topic(s) {', '.join(sorted(missing))} do not exist on "
+            f"{settings.kafka_bootstrap}: {hint}"
         )
     return counts
 
 
 async def ensure_topics(
-    bootstrap: str, partitions: dict[str, int], configs: dict[str, dict[str, str]] | None = None
+    settings: Settings, partitions: dict[str, int], configs: dict[str, dict[str, str]] | None = None
 ) -> None:
     """Create the topics that do not exist yet (for the demo, the tests and the relay)."""
-    client = await admin(bootstrap)
+    client = await admin(settings)
     try:
         existing = set(await client.list_topics())
         new = [

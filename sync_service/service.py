@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
+from sync_service.connections import kafka, postgres
 from sync_service.db.engine import make_engine, make_sessionmaker
 from sync_service.db.schema import SchemaNotAtHead, current_revision, head_revision, require_head
 from sync_service.errors import UserError
@@ -49,10 +50,7 @@ async def connect(settings: Settings) -> AsyncEngine:
         raise UserError(str(error)) from None
     except (OperationalError, InterfaceError, DBAPIError, OSError) as error:
         await engine.dispose()
-        raise UserError(
-            f"cannot reach PostgreSQL ({describe(error)}): is it running, and is "
-            "SYNC_DATABASE_URL right?"
-        ) from None
+        raise postgres.unreachable(error, settings) from None
     return engine
 
 
@@ -67,12 +65,11 @@ async def serve(
     """Run until `stop` is set (or SIGTERM/SIGINT), then shut down cleanly."""
     stop = stop or asyncio.Event()
     _install_signal_handlers(stop)
+    kafka.watch(settings)
     engine = await connect(settings)
     try:
         if consume:
-            await require_topics(
-                settings.kafka_bootstrap, [settings.users_topic, settings.orders_topic]
-            )
+            await require_topics(settings, [settings.users_topic, settings.orders_topic])
         sessions = make_sessionmaker(engine)
         consumer = (
             ChangeConsumer(
@@ -99,6 +96,9 @@ async def serve(
                 checks["schema"] = None if at == head else f"at {at}, needs {head}"
             except Exception as error:
                 checks["database"] = describe(error)
+            # The broker refusing a client (credentials, certificate) shows here while the
+            # parts retry; an unreachable one shows as a consumer without partitions.
+            checks["kafka"] = kafka.REFUSAL.cause
             if consumer is not None:
                 checks["consumer"] = None if consumer.assigned else "no partitions assigned"
                 checks["dead_letter_guard"] = guard_check(consumer.guarded.values())

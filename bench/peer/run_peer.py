@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL
 from bench.peer import database
 from bench.peer.encode import PeerEncoder, in_version_order
 from bench.peer.worker import ConnectWorker, Layout, PeerError, fetch, sink_config
+from sync_service.config import Settings
 from sync_service.errors import UserError
 from sync_service.kafka import admin, ensure_topics
 
@@ -213,7 +214,7 @@ async def load_topics(bootstrap: str, events: list[bytes], prefix: str) -> PeerI
     events = in_version_order(events, lambda v: _key_version(v)[0], lambda v: _key_version(v)[1])
     encoder = PeerEncoder(f"{prefix}.users", f"{prefix}.orders")
     topics = list(encoder.topics.values())
-    await ensure_topics(bootstrap, dict.fromkeys(topics, PARTITIONS))
+    await ensure_topics(Settings(kafka_bootstrap=bootstrap), dict.fromkeys(topics, PARTITIONS))
     records = [encoder.encode(value) for value in events]
     await produce(bootstrap, records)
     return PeerInput(
@@ -223,7 +224,7 @@ async def load_topics(bootstrap: str, events: list[bytes], prefix: str) -> PeerI
 
 async def drop_topics(bootstrap: str, topics: list[str]) -> None:
     """Delete the run's topics: each run writes its own, and they are large."""
-    client = await admin(bootstrap)
+    client = await admin(Settings(kafka_bootstrap=bootstrap))
     try:
         await client.delete_topics(topics)
     finally:

@@ -174,7 +174,7 @@ async def run_quix(
         return phase
     prefix = bench.prefix("quix")
     topics = Topics(f"{prefix}.users", f"{prefix}.orders")
-    await ensure_topics(bench.bootstrap, dict.fromkeys([topics.users, topics.orders],
+    await ensure_topics(bench.base, dict.fromkeys([topics.users, topics.orders],
                                                        workload.partitions))  # fmt: skip
     bench.made_topics += [topics.users, topics.orders]
     events = in_version_order(
@@ -206,7 +206,7 @@ async def run_quix(
         process = _spawn(command, log)
         drain = Drain(time.monotonic())
         usage = Usage(process.pid)
-        client = await admin(bench.bootstrap)
+        client = await admin(bench.base)
         try:
             await _watch(process, log, client, group, len(events), usage, drain, timeout_s)
             spent = usage.stop() if drain.first_message is not None else {}

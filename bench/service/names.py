@@ -86,7 +86,7 @@ class Bench:
     async def create_topics(self, run: Run, partitions: int = PARTITIONS) -> None:
         s = run.settings
         topics = [s.users_topic, s.orders_topic, s.out_users_topic, s.out_orders_topic]
-        await ensure_topics(self.bootstrap, dict.fromkeys(topics, partitions))
+        await ensure_topics(self.base, dict.fromkeys(topics, partitions))
         await ensure_position_topic(s)
         for topic in [*topics, s.relay_position_topic]:
             if topic not in self.made_topics:

@@ -70,8 +70,9 @@ class RelayTail:
 
 async def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
     """The read_committed end offset of every partition of `topics`."""
-    counts = await partition_counts(bootstrap, topics)
-    async with offset_reader(bootstrap) as reader:
+    settings = Settings(kafka_bootstrap=bootstrap)
+    counts = await partition_counts(settings, topics)
+    async with offset_reader(settings) as reader:
         bounds = await partition_bounds(reader, [(t, p) for t in topics for p in range(counts[t])])
     return {tp: b.end for tp, b in bounds.items()}
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from sync_service.config import Settings
+from sync_service.connections import postgres
 
 
 def _json_dumps(value: Any) -> str:
@@ -24,7 +25,8 @@ def _json_dumps(value: Any) -> str:
 
 
 def make_engine(settings: Settings, *, application_name: str = "sync-service") -> AsyncEngine:
-    """An engine whose pool is sized and recycled as the settings say."""
+    """An engine whose pool is sized and recycled as the settings say, and whose every
+    connection (the relay's LISTEN one too) uses the TLS the settings say."""
     # Every statement is planned for its own arrays: a plan cached while a table was
     # still nearly empty (a generic plan, chosen after five executions) joins a batch's
     # keys by nested loops, which costs time quadratic in the batch once the table grows.
@@ -40,7 +42,11 @@ def make_engine(settings: Settings, *, application_name: str = "sync-service") -
         pool_timeout=settings.pool_timeout,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
-        connect_args={"server_settings": server_settings, "timeout": 10},
+        connect_args={
+            "server_settings": server_settings,
+            "timeout": 10,
+            **postgres.connect_args(settings),
+        },
     )
 
 

@@ -15,9 +15,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sync_service.config import Settings
 
-def alembic_config(database_url: str) -> Config:
-    """The project's Alembic config: the repo's `alembic.ini`, or the copy in the wheel."""
+
+def alembic_config(database_url: str, settings: Settings | None = None) -> Config:
+    """The project's Alembic config: the repo's `alembic.ini`, or the copy in the wheel.
+    `settings` (else the process's) give migrations/env.py the connection's TLS."""
     packaged = Path(str(resources.files("sync_service"))) / "_migrations" / "alembic.ini"
     in_repo = Path(__file__).resolve().parents[2] / "alembic.ini"
     ini = in_repo if in_repo.exists() else packaged
@@ -26,6 +29,8 @@ def alembic_config(database_url: str) -> Config:
         config.set_main_option("script_location", str(packaged.parent))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     config.attributes["configure_logging"] = False
+    if settings is not None:
+        config.attributes["settings"] = settings
     return config
 
 

@@ -1,5 +1,6 @@
 """`/healthz` (the process answers), `/readyz` (database reachable with the schema at
-head, and a consumer that owns partitions or a relay that runs) and `/metrics`."""
+head, no Kafka refusal, and a consumer that owns partitions or a relay that runs) and
+`/metrics`."""
 
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter
 from rich.console import Console
 from rich.live import Live
@@ -30,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.db.models import ConsumerOffset, DeadLetterRow, Order, OutboxEvent, User
 from sync_service.db.models import PendingChange as Pending
 from sync_service.errors import UserError
@@ -126,7 +126,7 @@ async def run_demo(
     engine = await connect(run.settings)
     try:
         topics = (*run.topics, settings.out_users_topic, settings.out_orders_topic)
-        await ensure_topics(run.settings.kafka_bootstrap, dict.fromkeys(topics, PARTITIONS))
+        await ensure_topics(run.settings, dict.fromkeys(topics, PARTITIONS))
         traffic = Traffic(seed, id_base=run.id_base, bad_rate=BAD_RATE, partitions=PARTITIONS)
         summary = await _Session(run, engine, _relay()).drive(traffic, events, console)
     finally:
@@ -200,8 +200,8 @@ class _Production:
 
 async def _produce(run: _Run, traffic: Traffic, events: int, production: _Production) -> None:
     topics = {"user": run.settings.users_topic, "order": run.settings.orders_topic}
-    producer = AIOKafkaProducer(
-        bootstrap_servers=run.settings.kafka_bootstrap,
+    producer = kafka.producer(
+        run.settings,
         client_id=f"demo-{run.name}-producer",
         enable_idempotence=True,  # a retried send must not add a record the count lacks
         linger_ms=10,
@@ -209,7 +209,7 @@ async def _produce(run: _Run, traffic: Traffic, events: int, production: _Produc
     )
     encoder = DebeziumEncoder(prefix=f"demo.{run.name}")
     debezium = run.settings.inbound_format == "debezium"
-    await producer.start()
+    await kafka.start(producer, run.settings)
     try:
         for i, event in enumerate(traffic.events(events)):
             key, value = event.key, event.value

@@ -138,7 +138,7 @@ async def _read(
     todo = {TopicPartition(topic, r.partition): r for r in ranges if r.stop > r.start}
     if not todo:
         return
-    async with offset_reader(settings.kafka_bootstrap) as reader:
+    async with offset_reader(settings) as reader:
         reader.assign(list(todo))
         for tp, r in todo.items():
             reader.seek(tp, r.start)

@@ -9,10 +9,10 @@ from alembic.util.exc import CommandError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from sync_service.config import Settings
+from sync_service.connections import postgres
 from sync_service.db.engine import make_engine
 from sync_service.db.schema import alembic_config, current_revision
 from sync_service.errors import UserError
-from sync_service.retry import describe
 
 
 async def upgrade(settings: Settings, revision: str = "head") -> str:
@@ -20,17 +20,14 @@ async def upgrade(settings: Settings, revision: str = "head") -> str:
     engine = make_engine(settings)
     try:
         before = await current_revision(engine)
-        config = alembic_config(settings.database_url)
+        config = alembic_config(settings.database_url, settings)
         try:
             await asyncio.to_thread(command.upgrade, config, revision)
         except CommandError as error:
             raise UserError(f"cannot upgrade to {revision!r}: {error}") from None
         after = await current_revision(engine)
     except (OperationalError, InterfaceError, DBAPIError, OSError) as error:
-        raise UserError(
-            f"cannot reach PostgreSQL ({describe(error)}): is it running, and is "
-            "SYNC_DATABASE_URL right?"
-        ) from None
+        raise postgres.unreachable(error, settings) from None
     finally:
         await engine.dispose()
     if before == after:

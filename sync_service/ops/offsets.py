@@ -19,9 +19,10 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.db.models import ConsumerOffset
 from sync_service.errors import UserError
-from sync_service.kafka import quiet_connect_errors, require_topics
+from sync_service.kafka import quiet_connect_errors, require_topics, unreachable
 from sync_service.ops.stats import Backlogs, backlogs
 from sync_service.retry import describe
 from sync_service.service import connect
@@ -135,8 +136,8 @@ async def read_offsets(settings: Settings) -> OffsetsReport:
     topics = [settings.users_topic, settings.orders_topic]
     engine = await connect(settings)
     try:
-        async with offset_reader(settings.kafka_bootstrap) as reader:
-            counts = await partition_counts(settings.kafka_bootstrap, topics)
+        async with offset_reader(settings) as reader:
+            counts = await partition_counts(settings, topics)
             partitions = [(t, p) for t in topics for p in range(counts[t])]
             bounds = await partition_bounds(reader, partitions)
         stored = await stored_positions(engine, settings.group_id, partitions)
@@ -155,36 +156,35 @@ async def read_offsets(settings: Settings) -> OffsetsReport:
 
 
 @contextlib.asynccontextmanager
-async def offset_reader(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
+async def offset_reader(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
     """A consumer outside any group, for offset lookups only. It reads with
     read_committed, so end offsets are last stable offsets: what the service can read."""
     with quiet_connect_errors():
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
+        consumer = kafka.consumer(
+            settings,
             enable_auto_commit=False,
             isolation_level="read_committed",
             request_timeout_ms=10_000,
         )
         try:
-            await consumer.start()
+            await kafka.start(consumer, settings)
         except (KafkaError, OSError) as error:
             await consumer.stop()
-            raise UserError(
-                f"cannot reach Kafka at {bootstrap} ({type(error).__name__}): "
-                "is it running? (scripts/services up; SYNC_KAFKA_BOOTSTRAP)"
-            ) from None
+            raise unreachable(settings, error) from None
         try:
             yield consumer
         except (KafkaError, OSError) as error:
-            raise UserError(f"Kafka at {bootstrap} failed to answer: {describe(error)}") from None
+            raise UserError(
+                f"Kafka at {settings.kafka_bootstrap} failed to answer: {describe(error)}"
+            ) from None
         finally:
             await consumer.stop()
 
 
-async def partition_counts(bootstrap: str, topics: Sequence[str]) -> dict[str, int]:
+async def partition_counts(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
     """The partition count of each topic (a one-line error for one that is missing)."""
     with quiet_connect_errors():
-        return await require_topics(bootstrap, topics)
+        return await require_topics(settings, topics)
 
 
 async def partition_bounds(reader: AIOKafkaConsumer, partitions: Sequence[TP]) -> dict[TP, Bounds]:

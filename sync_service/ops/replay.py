@@ -100,8 +100,8 @@ async def resolve(settings: Settings, request: ReplayRequest) -> list[Range]:
     end comes before the start)."""
     check(request, settings)
     topic = request.topic
-    async with offset_reader(settings.kafka_bootstrap) as reader:
-        count = (await partition_counts(settings.kafka_bootstrap, [topic]))[topic]
+    async with offset_reader(settings) as reader:
+        count = (await partition_counts(settings, [topic]))[topic]
         partitions = sorted(set(request.partitions or range(count)))
         for partition in partitions:
             if not 0 <= partition < count:

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.events.change import DeadLetter, Entity
 from sync_service.observability import metrics, outages
 from sync_service.observability.logging import OffsetRange
@@ -110,8 +111,8 @@ class ChangeConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._settings
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
+        consumer = kafka.consumer(
+            settings,
             group_id=settings.group_id,
             client_id=f"{settings.group_id}-consumer",
             enable_auto_commit=False,
@@ -124,7 +125,13 @@ class ChangeConsumer:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         self._consumer = consumer
-        await retrying("kafka connect", consumer.start, self._backoff, stop=stop, on=outages.KAFKA)
+        await retrying(
+            "kafka connect",
+            lambda: kafka.start(consumer, settings),
+            self._backoff,
+            stop=stop,
+            on=outages.KAFKA,
+        )
         consumer.subscribe(list(self._entities), listener=_Listener(self))
         try:
             while not stop.is_set():

@@ -14,6 +14,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.kafka import ensure_topics
 
 # Compacted: only the last position per key matters. Segments roll every 10 minutes so
@@ -54,7 +55,7 @@ def latest(records: Iterable[Any], key: bytes, end: int) -> Position | None:
 async def ensure_position_topic(settings: Settings) -> None:
     """Create the compacted, single-partition position topic if it is missing."""
     await ensure_topics(
-        settings.kafka_bootstrap,
+        settings,
         {settings.relay_position_topic: 1},
         {settings.relay_position_topic: POSITION_TOPIC_CONFIG},
     )
@@ -66,14 +67,11 @@ async def read_position(settings: Settings, timeout_s: float = 30.0) -> Position
     Call it only after the transactional producer has started: its initialisation
     finishes or aborts whatever the previous holder of the id left open, so nothing
     can still commit behind what is read here."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
+    consumer = kafka.consumer(
+        settings, group_id=None, enable_auto_commit=False, isolation_level="read_committed"
     )
     try:
-        await consumer.start()
+        await kafka.start(consumer, settings)
         return await asyncio.wait_for(_read(consumer, settings), timeout=timeout_s)
     finally:
         await consumer.stop()

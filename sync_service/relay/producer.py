@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.relay.outbox import Message
 from sync_service.relay.partition import partition_index
 
@@ -28,8 +29,8 @@ _stopping: set[asyncio.Task[None]] = set()
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     """Idempotent and transactional (acks=all); replicas share the transactional id, so
     the one that starts last fences the others."""
-    return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
+    return kafka.producer(
+        settings,
         client_id=f"{settings.relay_transactional_id}-producer",
         transactional_id=settings.relay_transactional_id,
         enable_idempotence=True,

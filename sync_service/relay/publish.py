@@ -21,6 +21,7 @@ from aiokafka.errors import ProducerFenced
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.errors import UserError
 from sync_service.kafka import require_topics
 from sync_service.observability import metrics
@@ -76,7 +77,7 @@ class OutboxRelay:
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._settings
         await require_topics(
-            settings.kafka_bootstrap,
+            settings,
             [*self._topics.values(), *([settings.dlq_topic] if settings.dlq_topic else [])],
             hint="create the downstream topics first, or check SYNC_OUT_*_TOPIC / SYNC_DLQ_TOPIC",
         )
@@ -114,7 +115,7 @@ class OutboxRelay:
             # Start first: it fences any other holder of the transactional id and ends
             # its open transaction, so the position read next is final.
             with step(KAFKA, "starting the transactional producer"):
-                await producer.start()
+                await kafka.start(producer, self._settings)
             with step(KAFKA, "reading the relay position"):
                 position = await read_position(self._settings)
             with step(POSTGRESQL, "checking the relay position"):

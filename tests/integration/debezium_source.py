@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from bench.peer.worker import ConnectWorker, Layout
+from sync_service.config import Settings
 from sync_service.ops.offsets import offset_reader, partition_bounds, partition_counts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -240,8 +241,9 @@ class DebeziumSource:
 
 async def end_offsets(bootstrap: str, topics: list[str]) -> int:
     """The sum of the end offsets of every partition of `topics`."""
-    async with offset_reader(bootstrap) as reader:
-        counts = await partition_counts(bootstrap, topics)
+    settings = Settings(kafka_bootstrap=bootstrap)
+    async with offset_reader(settings) as reader:
+        counts = await partition_counts(settings, topics)
         partitions = [(t, p) for t, n in counts.items() for p in range(n)]
         bounds = await partition_bounds(reader, partitions)
     return sum(b.end for b in bounds.values())

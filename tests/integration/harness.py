@@ -8,11 +8,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.kafka import ensure_topics
 from sync_service.service import PartFactory, serve
 from tests.factories import encode, key_of
@@ -20,9 +21,20 @@ from tests.factories import encode, key_of
 Message = tuple[bytes | None, bytes | None]  # key, value
 
 
+def as_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the SYNC_* variables that would give them (unset ones left out)."""
+    return {
+        f"SYNC_{name.upper()}": value.get_secret_value()
+        if isinstance(value, SecretStr)
+        else str(value)
+        for name, value in settings.model_dump().items()
+        if value is not None
+    }
+
+
 async def create_topics(settings: Settings, partitions: int = 3) -> None:
     await ensure_topics(
-        settings.kafka_bootstrap,
+        settings,
         {settings.users_topic: partitions, settings.orders_topic: partitions},
     )
 
@@ -31,7 +43,7 @@ async def produce(
     settings: Settings, topic: str, messages: Iterable[dict[str, Any] | Message]
 ) -> None:
     """Send envelopes (keyed by their id) or raw (key, value) pairs, in order, and wait."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    producer = kafka.producer(settings, linger_ms=5)
     await producer.start()
     try:
         futures = []

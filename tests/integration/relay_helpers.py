@@ -23,12 +23,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sync_service.config import Settings
+from sync_service.connections import kafka
 from sync_service.events.change import Entity, Source
 from sync_service.events.outbound import downstream_event_id, event_type, outbound_value
 from sync_service.kafka import ensure_topics
 from sync_service.pipeline.decode import change_from_envelope
 from sync_service.pipeline.write import OUTBOX_CHANNEL
 from tests.factories import order_event, user_event
+from tests.integration.harness import as_environment
 
 OUT_PARTITIONS = 3
 INSERT_OUTBOX = text(
@@ -42,7 +44,7 @@ SYNC_SERVICE = Path(sys.executable).with_name("sync-service")
 
 async def create_out_topics(settings: Settings, partitions: int = OUT_PARTITIONS) -> None:
     await ensure_topics(
-        settings.kafka_bootstrap,
+        settings,
         {settings.out_users_topic: partitions, settings.out_orders_topic: partitions},
     )
 
@@ -281,8 +283,8 @@ async def relay_processes(
 
 
 def _reader(settings: Settings, isolation_level: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
+    return kafka.consumer(
+        settings,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -299,8 +301,4 @@ def _partitions(settings: Settings) -> list[TopicPartition]:
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    return {
-        f"SYNC_{name.upper()}": str(value)
-        for name, value in settings.model_dump().items()
-        if value is not None
-    }
+    return as_environment(settings)

@@ -22,7 +22,7 @@ from sync_service.config import Settings
 from sync_service.db.schema import head_revision
 from tests.conftest import Endpoints
 from tests.factories import encode, user_event
-from tests.integration.harness import create_topics, produce, rows
+from tests.integration.harness import as_environment, create_topics, produce, rows
 
 EXECUTABLE = Path(sys.executable).with_name("sync-service")
 UNREACHABLE_DB = "postgresql+asyncpg://postgres@localhost:1/sync"
@@ -47,9 +47,7 @@ class Outcome:
 async def cli(settings: Settings, *args: str, **env: str) -> Outcome:
     """Run `sync-service *args` with `settings` as SYNC_* variables (and `env` on top)."""
     variables = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-    variables.update(
-        {f"SYNC_{k.upper()}": str(v) for k, v in settings.model_dump().items() if v is not None}
-    )
+    variables.update(as_environment(settings))
     variables.update(env)
     process = await asyncio.create_subprocess_exec(
         str(EXECUTABLE),

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
 from sync_service.ops.traffic import Traffic, table_checksum
-from tests.integration.harness import count, create_topics, rows, wait_until
+from tests.integration.harness import as_environment, count, create_topics, rows, wait_until
 
 EVENTS = 50_000
 PARTITIONS = 6
@@ -26,11 +26,7 @@ CLI = Path(sys.executable).with_name("sync-service")
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"SYNC_{name.upper()}"] = str(value)
-    return env
+    return {**os.environ, **as_environment(settings)}
 
 
 async def _produce(settings: Settings, traffic: Traffic) -> dict[tuple[str, int], int]:

@@ -75,7 +75,7 @@ async def test_two_demo_runs_each_end_in_the_expected_state(
 async def _downstream(settings: Settings) -> list[dict[str, Any]]:
     """Every committed record of the downstream topics, per partition in offset order."""
     topics = (settings.out_users_topic, settings.out_orders_topic)
-    counts = await require_topics(settings.kafka_bootstrap, topics)
+    counts = await require_topics(settings, topics)
     partitions = [TopicPartition(t, p) for t in topics for p in range(counts[t])]
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, isolation_level="read_committed"

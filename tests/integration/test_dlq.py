@@ -488,7 +488,7 @@ async def test_dead_letters_are_published_once_to_the_dlq_topic(
     assert settings.dlq_topic is not None
     await create_topics(settings, partitions=1)
     await ensure_topics(
-        settings.kafka_bootstrap,
+        settings,
         {settings.out_users_topic: 1, settings.out_orders_topic: 1, settings.dlq_topic: 1},
     )
     keyless = encode(user_event(8, 1))

@@ -55,7 +55,7 @@ async def test_hostile_messages_are_dead_letters_of_their_kind_and_the_rest_appl
 ) -> None:
     big = {"max.message.bytes": str(LARGEST)}
     await ensure_topics(
-        settings.kafka_bootstrap,
+        settings,
         {settings.users_topic: 1, settings.orders_topic: 1},
         {settings.users_topic: big},
     )

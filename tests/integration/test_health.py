@@ -42,6 +42,7 @@ async def test_health_readiness_and_metrics(settings: Settings, engine: AsyncEng
             "checks": {
                 "database": None,
                 "schema": None,
+                "kafka": None,
                 "consumer": None,
                 "dead_letter_guard": None,
             },

@@ -220,7 +220,7 @@ async def test_replay_refuses_what_it_cannot_do_with_one_line(
                               datetime.now(UTC))  # fmt: skip
     [partition] = {p for p, _ in placed}  # one key: one partition, offsets 0-5
     # Kafka no longer holds offsets 0 and 1 (as after retention).
-    client = await admin(settings.kafka_bootstrap)
+    client = await admin(settings)
     try:
         await client.delete_records({TopicPartition(u, partition): RecordsToDelete(2)})
     finally:

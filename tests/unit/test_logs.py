@@ -180,15 +180,16 @@ def test_a_misspelt_log_setting_is_one_line(variable: str, value: str, expected:
     assert Settings(log_level="warning").log_level == "WARNING"  # any case
 
 
-class _WithKafkaSecret(Settings):
-    kafka_sasl_username: str = "sync"
-    kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_key_password: str = ""
+class _WithKeyPassword(Settings):
+    kafka_ssl_key_password: str = ""  # password-like by its name, though not a SecretStr
 
 
 def test_every_password_like_setting_is_a_secret(canary: str) -> None:
-    settings = _WithKafkaSecret(
+    settings = _WithKeyPassword(
         database_url="postgresql+asyncpg://sync@db/sync",
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="sync",
         kafka_sasl_password=SecretStr(f"sasl-{canary}"),
         kafka_ssl_key_password=f"key-{canary}",
     )
