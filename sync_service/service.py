@@ -26,6 +26,7 @@ from sync_service.ops.stats import refresh_gauges
 from sync_service.pipeline.consume import ChangeConsumer
 from sync_service.pipeline.guard import DeadLetterGuard, guard_check
 from sync_service.pipeline.write import BatchWriter
+from sync_service.relay.publish import require_downstream_topics
 from sync_service.retry import describe
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,11 @@ async def serve(
     kafka.watch(settings)
     engine = await connect(settings)
     try:
+        # Before the banner: a broker that refuses or lacks a topic is one line, and the end.
         if consume:
             await require_topics(settings, [settings.users_topic, settings.orders_topic])
+        if relay is not None:
+            await require_downstream_topics(settings)
         sessions = make_sessionmaker(engine)
         consumer = (
             ChangeConsumer(

@@ -61,6 +61,20 @@ def relay_part(settings: Settings, engine: AsyncEngine) -> OutboxRelay:
     return OutboxRelay(settings, engine)
 
 
+async def require_downstream_topics(settings: Settings) -> None:
+    """A `UserError` naming any topic the relay publishes to that does not exist (or why
+    Kafka cannot be asked)."""
+    await require_topics(
+        settings,
+        [
+            settings.out_users_topic,
+            settings.out_orders_topic,
+            *([settings.dlq_topic] if settings.dlq_topic else []),
+        ],
+        hint="create the downstream topics first, or check SYNC_OUT_*_TOPIC / SYNC_DLQ_TOPIC",
+    )
+
+
 class OutboxRelay:
     """Publishes the outbox until `stop` is set; any number of replicas may run."""
 
@@ -76,11 +90,7 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self._settings
-        await require_topics(
-            settings,
-            [*self._topics.values(), *([settings.dlq_topic] if settings.dlq_topic else [])],
-            hint="create the downstream topics first, or check SYNC_OUT_*_TOPIC / SYNC_DLQ_TOPIC",
-        )
+        await require_downstream_topics(settings)
         await ensure_position_topic(settings)
         try:
             while not stop.is_set():
