@@ -21,6 +21,7 @@ import orjson
 from bench.workload import Topics, Workload
 from sync_service.events.change import Change
 from sync_service.events.debezium import DebeziumEncoder, DecimalMode
+from sync_service.ops.traffic import Event
 from sync_service.pipeline.decode import Limits, decoder_for
 
 _LIMITS = Limits(max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=0, dead_letter_key_bytes=0)
@@ -30,13 +31,21 @@ def as_debezium(
     workload: Workload, *, schemas: bool = True, decimals: DecimalMode = "precise"
 ) -> Workload:
     """`workload` with every event's key and value written as the connector would."""
+    return replace(workload, events=encode(workload.events, schemas=schemas, decimals=decimals))
+
+
+def encode(
+    events: Sequence[Event], *, schemas: bool = True, decimals: DecimalMode = "precise"
+) -> list[Event]:
+    """Each event's key and value as the connector writes them (with schemas and precise
+    decimals by default: its common settings); a value that is no envelope stays as is."""
     encoder = DebeziumEncoder(prefix="bench", schemas=schemas, decimals=decimals)
-    events = []
-    for event in workload.events:
+    encoded = []
+    for event in events:
         record = encoder.from_native(event.value)
         key, value = record or (encoder.key(event.entity, event.id), event.value)
-        events.append(replace(event, key=key, value=value))
-    return replace(workload, events=events)
+        encoded.append(replace(event, key=key, value=value))
+    return encoded
 
 
 def event_ids(workload: Workload, topics: Topics) -> list[str | None]:

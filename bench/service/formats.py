@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from bench import debezium
 from bench.progress import say
 from bench.report import Phase
 from bench.service.names import Bench, Run
@@ -38,7 +39,10 @@ def native(events: Sequence[Event]) -> Sequence[Produced]:
     return events
 
 
-FORMATS: Final[dict[str, InboundFormat]] = {"native": InboundFormat("native", native)}
+FORMATS: Final[dict[str, InboundFormat]] = {
+    "native": InboundFormat("native", native),
+    "debezium": InboundFormat("debezium", debezium.encode),
+}
 
 
 async def run_format(bench: Bench, workload: Workload, name: str) -> Phase:
