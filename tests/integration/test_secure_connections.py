@@ -168,6 +168,9 @@ async def test_the_service_drains_and_relays_exactly_once_over_sasl_ssl_and_veri
         await engine.dispose()
     assert users_there == 40
     assert over_tls is True
+    password = secure.kafka_sasl_password
+    assert password is not None
+    assert password.get_secret_value() not in log.read_text()  # nothing it wrote holds it
 
 
 async def test_a_wrong_kafka_password_is_one_line_that_says_so_from_every_command(
@@ -492,11 +495,13 @@ async def _refused(settings: Settings, *args: str, **env: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _service(settings: Settings, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`sync-service run` in a subprocess, stopped with SIGTERM as an orchestrator does."""
+    """`sync-service --debug run` in a subprocess (every log line, the libraries' too),
+    stopped with SIGTERM as an orchestrator does."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             str(EXECUTABLE),
+            "--debug",
             "run",
             env={**env, **as_environment(settings)},
             cwd=log.parent,  # no `.env` there
