@@ -4,6 +4,8 @@ stacked against minutes, each fault a vertical line. matplotlib is a bench-only 
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,9 @@ def plot(record: Mapping[str, Any], path: Path) -> Path:
         )
         labelled.add(role)
     rss.set_ylabel("RSS (MB)")
-    rss.set_ylim(bottom=0)
-    rss.legend(loc="lower right", fontsize=8, ncol=3)
+    top = max((mb for series in processes(samples).values() for _, mb in series), default=1.0)
+    rss.set_ylim(0, top * 1.35)  # room for the legend above the lines
+    rss.legend(loc="upper left", fontsize=8, ncol=3)
     for name, colour, label in (
         ("commit", "tab:purple", "send -> committed"),
         ("downstream", "tab:red", "send -> downstream event"),
@@ -47,7 +50,7 @@ def plot(record: Mapping[str, Any], path: Path) -> Path:
             linewidth=1.0,
             label=label,
         )
-    p99.set_ylabel("p99 latency (ms)")
+    p99.set_ylabel(f"p99 per {record['settings']['sample_seconds']:g} s (ms)")
     p99.set_yscale("log")
     p99.legend(loc="upper right", fontsize=8)
     lag.plot(minutes, [s["lag"] for s in samples], color="tab:brown", linewidth=1.0)
@@ -81,3 +84,22 @@ def plot(record: Mapping[str, Any], path: Path) -> Path:
 
 def _none_nan(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+def main() -> int:
+    """`python -m bench.soak.plot RESULTS.json`: draw (again) the PNG beside a results file."""
+    if len(sys.argv) != 2:
+        print("usage: python -m bench.soak.plot RESULTS.json", file=sys.stderr)
+        return 2
+    path = Path(sys.argv[1])
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        print(f"soak: cannot read {path}: {error}", file=sys.stderr)
+        return 2
+    print(plot(record, path.with_suffix(".png")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

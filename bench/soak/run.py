@@ -87,6 +87,7 @@ class _State:
 async def soak(options: Options, command: str) -> dict[str, Any]:
     """Run one soak; its results (also written to `options.results`)."""
     started = datetime.now(UTC)
+    commit = report.git_version()  # now: the code may be edited while a long soak runs
     token = secrets.token_hex(3)
     base = Settings()
     stamp = started.strftime("%Y%m%dT%H%M%S")
@@ -122,7 +123,7 @@ async def soak(options: Options, command: str) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "command": command,
         "machine": report.machine(),
-        "git_commit": report.git_version(),
+        "git_commit": commit,
         **record,
         "logs": str(logs),
     }
