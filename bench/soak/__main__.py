@@ -18,8 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from aiokafka.errors import KafkaError
+from sqlalchemy.exc import SQLAlchemyError
+
 from bench.soak.run import Options, soak
 from sync_service.errors import UserError
+from sync_service.retry import describe
 
 SEED = 20_261_205
 
@@ -50,6 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--sample-seconds", type=_positive, default=5.0, help="sampling period (5)")
     add("--no-faults", dest="faults", action="store_false", help="steady load only")
     add("--seed", type=int, default=SEED)
+    add("--debug", action="store_true", help="a traceback on failure, not one line")
     add("--results", type=Path, default=Path(__file__).resolve().parent.parent / "results")
     return parser.parse_args(argv)
 
@@ -59,7 +64,7 @@ def print_summary(record: dict[str, Any]) -> None:
     out = sys.stdout
     s = record["settings"]
     print(f"soak: {s['rate']:,.0f} events/s for {s['minutes']:g} min "
-          f"(achieved {record['sending']['achieved_rate']}/s), warm-up {s['warmup_minutes']:g} "
+          f"(achieved {record['sending']['achieved_rate']}/s), warm-up {s['warmup_minutes']:.3g} "
           f"min per process, tolerance {s['growth_tolerance_percent']:g}%", file=out)  # fmt: skip
     for p in record["processes"]:
         verdict = {True: "ok", False: "GREW", None: "not judged (too short-lived)"}[p["ok"]]
@@ -106,6 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"soak: {error}", file=sys.stderr)
         return 2
+    except (RuntimeError, OSError, KafkaError, SQLAlchemyError) as error:
+        if args.debug:
+            raise
+        print(f"soak: failed: {describe(error)} (--debug for the traceback)", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("soak: interrupted", file=sys.stderr)
         return 130

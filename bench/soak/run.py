@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench import report
 from bench.latency import DownstreamWatcher
@@ -49,7 +50,7 @@ from bench.workload import BAD_RATE, PARTITIONS
 from sync_service.config import Settings
 from sync_service.kafka import ensure_topics
 from sync_service.ops.migrate import upgrade
-from sync_service.ops.traffic import Traffic
+from sync_service.ops.traffic import ExpectedState, Traffic
 from sync_service.relay.position import ensure_position_topic
 
 COMMIT_POLL_S = 0.1
@@ -212,7 +213,7 @@ async def _soak(options: Options, run: Run, logs: Path) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def expected_summary(expected: Any) -> dict[str, int]:
+def expected_summary(expected: ExpectedState) -> dict[str, int]:
     return {
         "events": expected.events,
         "changes": expected.changes,
@@ -224,7 +225,9 @@ def expected_summary(expected: Any) -> dict[str, int]:
     }
 
 
-async def _follow_commits(engine: Any, group_id: str, commits: CommitClock, state: _State) -> None:
+async def _follow_commits(
+    engine: AsyncEngine, group_id: str, commits: CommitClock, state: _State
+) -> None:
     while True:
         with contextlib.suppress(Exception):  # a failed read is only a late one
             state.positions = await stored_positions(engine, group_id)
@@ -243,7 +246,7 @@ async def _follow_downstream(watcher: DownstreamWatcher, downstream: DownstreamC
 async def _sample(
     options: Options,
     run: Run,
-    engine: Any,
+    engine: AsyncEngine,
     service: Service,
     origin: float,
     state: _State,
@@ -314,7 +317,7 @@ async def _sample_every(
 
 
 async def _drain(
-    engine: Any, run: Run, tail: RelayTail, total: int, origin: float, state: _State
+    engine: AsyncEngine, run: Run, tail: RelayTail, total: int, origin: float, state: _State
 ) -> float | None:
     """Seconds after the last send until every record is stored, nothing waits and the
     relay published every outbox row; None (and a problem) if not within the timeout."""
@@ -423,6 +426,4 @@ async def _remove(base: Settings, database: str, topics: list[str]) -> None:
 
 
 def _json(record: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(record, indent=1) + "\n"
