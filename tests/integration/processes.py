@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from sync_service.config import Settings
+from tests.integration.harness import as_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 EXECUTABLE = Path(sys.executable).with_name("sync-service")
@@ -32,12 +33,7 @@ def environment(settings: Settings, **overrides: Any) -> dict[str, str]:
     """This process's environment without any SYNC_*, then `settings` as SYNC_* (raw
     values: a password stays a password), then `overrides` (`log_format="json"`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if value is None:  # unset: the default (the text "None" would be a value)
-            continue
-        secret = getattr(value, "get_secret_value", None)
-        env[f"SYNC_{name.upper()}"] = str(secret() if secret is not None else value)
+    env.update(as_environment(settings))
     env.update({f"SYNC_{k.upper()}": str(v) for k, v in overrides.items()})
     return env
 

@@ -23,7 +23,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sync_service.config import Settings
 from sync_service.ops.dlq import redrive
 from tests.factories import encode, key_of, user_event
-from tests.integration.harness import count, create_topics, rows, running, scalar, wait_until
+from tests.integration.harness import (
+    as_environment,
+    count,
+    create_topics,
+    rows,
+    running,
+    scalar,
+    wait_until,
+)
 from tests.integration.test_cli import EXECUTABLE, Outcome, cli
 from tests.integration.test_health import _free_port
 from tests.integration.test_ops import add_dead_letter
@@ -74,7 +82,7 @@ async def cli_with_input(settings: Settings, *args: str, answer: bytes | None) -
     """`sync-service *args` with a terminal on stdin that types `answer` (None: no
     terminal, stdin at end of file)."""
     variables = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
-    variables.update({f"SYNC_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
+    variables.update(as_environment(settings))
     terminal, child_end = pty.openpty() if answer is not None else (None, None)
     process = await asyncio.create_subprocess_exec(
         str(EXECUTABLE),
