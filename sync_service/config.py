@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     # Kafka, inbound (CONTRACT section 1).
     kafka_bootstrap: str = "localhost:9092"
     group_id: str = "sync-service"
+    # Static group membership (KIP-345): a replica that comes back under the same id
+    # within the session timeout gets its partitions back without a rebalance.
+    instance_id: str | None = Field(default=None, min_length=1, max_length=249)
+    session_timeout_ms: int | None = Field(
+        default=None, ge=6_000, le=1_800_000, description="unset: 45 s static, else 10 s"
+    )
     users_topic: str = "cdc.users"
     orders_topic: str = "cdc.orders"
     # Kafka, outbound (CONTRACT section 4).
@@ -33,6 +39,11 @@ class Settings(BaseSettings):
     pool_recycle: int = Field(default=1800, description="seconds; -1 never recycles")
     pool_timeout: float = Field(default=10.0, gt=0, description="seconds to wait for a connection")
     statement_timeout_ms: int = Field(default=60_000, ge=0, description="0 = no limit")
+    # A stalled process (SIGSTOP, a VM pause) must not hold its locks, or the outbox's
+    # xmin, for longer than this: the server ends its open transaction (and connection).
+    idle_in_transaction_timeout_ms: int = Field(default=5_000, ge=0, description="0 = no limit")
+    # A lock wait past this fails the statement (retried with backoff, its cause logged).
+    lock_timeout_ms: int = Field(default=3_000, ge=0, description="0 = no limit")
 
     # Batching and backpressure.
     batch_max_events: int = Field(default=5_000, ge=1)
@@ -62,6 +73,13 @@ class Settings(BaseSettings):
     # Health and metrics.
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "INFO"
+
+    @property
+    def group_session_timeout_ms(self) -> int:
+        """The consumer's session timeout: long enough for a static member to restart."""
+        if self.session_timeout_ms is not None:
+            return self.session_timeout_ms
+        return 45_000 if self.instance_id else 10_000
 
 
 @lru_cache(maxsize=1)

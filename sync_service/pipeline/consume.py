@@ -94,7 +94,12 @@ class ChangeConsumer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.group_id,
-            client_id=f"{settings.group_id}-consumer",
+            client_id=f"{settings.group_id}-{settings.instance_id or 'consumer'}",
+            # A static member (an instance id) that stops does not leave the group: back
+            # within the session timeout, it gets its partitions again and nobody else
+            # rebalances. A dynamic one leaves on stop, and its partitions move at once.
+            group_instance_id=settings.instance_id,
+            session_timeout_ms=settings.group_session_timeout_ms,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",

@@ -1,0 +1,276 @@
+"""What a stalled replica and a rolling restart cost the rest of a consumer group.
+
+    python -m bench.groups stall [--no-timeouts]     # SIGSTOP one of 3 replicas mid-batch
+    python -m bench.groups rolling                   # SIGTERM + restart each of 3 replicas,
+                                                     # dynamic members, then static ones
+
+Three `sync-service consume` processes share a group on 6+6 partitions while a steady
+stream (1,000 events/s) flows; the stored positions are read every 100 ms. Figures:
+
+- stall: the longest time in which none of the *other* replicas' partitions advanced,
+  from the SIGSTOP (taken while the replica's batch transaction is open) to 10 s after
+  SIGCONT; and the same for the paused replica's own partitions.
+- rolling: the stop-the-world time (the sum of stops over 1 s in which no partition at
+  all advanced), the longest such stop, and the longest stop of any one partition, from
+  the first SIGTERM to 5 s after the last replica is ready again.
+
+Results go to stdout as JSON and to bench/results/groups-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import secrets
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from bench.fleet import TP, Fleet, Sampler, Stream, assigned_partitions, fleet, wait_for
+from bench.run_service import create_database, drop_database, say
+from sync_service.config import Settings
+from sync_service.kafka import ensure_topics
+from sync_service.ops.migrate import upgrade
+from sync_service.ops.traffic import Traffic
+
+PARTITIONS = 6
+RATE = 1_000.0
+RESULTS = Path(__file__).with_name("results")
+
+
+async def _setup(base: Settings, token: str) -> tuple[Settings, str]:
+    name = f"bench_groups_{token}"
+    url = await create_database(base.database_url, name)
+    await upgrade(Settings(database_url=url))
+    prefix = f"bench.{token}.groups"
+    settings = base.model_copy(
+        update={
+            "database_url": url,
+            "group_id": f"{prefix}.group",
+            "users_topic": f"{prefix}.cdc.users",
+            "orders_topic": f"{prefix}.cdc.orders",
+            "out_users_topic": f"{prefix}.sync.users",
+            "out_orders_topic": f"{prefix}.sync.orders",
+            "relay_transactional_id": f"{prefix}.relay",
+            "relay_position_topic": f"{prefix}.relay-position",
+        }
+    )
+    await ensure_topics(
+        settings.kafka_bootstrap,
+        {settings.users_topic: PARTITIONS, settings.orders_topic: PARTITIONS},
+    )
+    return settings, name
+
+
+async def _teardown(base: Settings, settings: Settings, database: str) -> None:
+    """Best effort: drop the run's database and delete its topics."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    await drop_database(base.database_url, database)
+    client = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        await client.start()
+        prefix = settings.group_id.rsplit(".", 1)[0]
+        doomed = [t for t in await client.list_topics() if t.startswith(prefix)]
+        if doomed:
+            await client.delete_topics(doomed)
+    except Exception as error:
+        say(f"groups: topics not deleted: {error}")
+    finally:
+        await client.close()
+
+
+async def _in_transaction(engine: AsyncEngine, pid: int) -> tuple[int, Any] | None:
+    """The backend (pid, xact_start) of a transaction that process `pid` has open."""
+    try:
+        ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")}
+    except psutil.Error:
+        return None
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            text(
+                "SELECT pid, xact_start, client_port FROM pg_stat_activity"
+                " WHERE xact_start IS NOT NULL AND backend_type = 'client backend'"
+                " AND state IN ('active', 'idle in transaction')"
+            )
+        )
+        for backend, started, port in found:
+            if port in ports:
+                return int(backend), started
+    return None
+
+
+async def _pause_mid_batch(engine: AsyncEngine, pid: int, tries: int = 500) -> None:
+    """SIGSTOP process `pid` while one of its transactions is open (checked after)."""
+    for _ in range(tries):
+        open_before = await _in_transaction(engine, pid)
+        if open_before is None:
+            await asyncio.sleep(0.005)
+            continue
+        psutil.Process(pid).send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.2)
+        async with engine.connect() as connection:
+            still = await connection.scalar(
+                text("SELECT xact_start FROM pg_stat_activity WHERE pid = :p"),
+                {"p": open_before[0]},
+            )
+        if still == open_before[1]:
+            return
+        psutil.Process(pid).send_signal(signal.SIGCONT)
+    raise RuntimeError("never caught the replica inside a transaction")
+
+
+async def _all_ready(group: Fleet) -> bool:
+    return all([await r.ready() for r in group.replicas])
+
+
+async def _drained(sampler: Sampler, stream: Stream) -> bool:
+    return stream.done.is_set() and sampler.total() >= sum(stream.sent.values())
+
+
+async def stall(base: Settings, pause_s: float, timeouts: bool) -> dict[str, Any]:
+    token = secrets.token_hex(4)
+    settings, database = await _setup(base, token)
+    if not timeouts:
+        settings = settings.model_copy(
+            update={"idle_in_transaction_timeout_ms": 0, "lock_timeout_ms": 0}
+        )
+    engine = create_async_engine(settings.database_url, poolclass=NullPool)
+    traffic = Traffic(seed=13, id_base=random.randrange(10**6) * 10**6, partitions=PARTITIONS)
+    stream = Stream(traffic, events=int(RATE * (pause_s + 60)), rate=RATE)
+    sampler = Sampler(engine, settings.group_id)
+    stop = asyncio.Event()
+    logs = Path(tempfile.mkdtemp(prefix="bench-groups-"))
+    try:
+        async with fleet(settings, logs, consumers=3) as group:
+            producing = asyncio.create_task(stream.produce(settings))
+            sampling = asyncio.create_task(sampler.run(stop))
+            await wait_for(lambda: _all_ready(group), 120, "3 ready replicas")
+            await asyncio.sleep(10)
+            stalled = group.replicas[0]
+            owned = assigned_partitions(stalled.log)
+            await _pause_mid_batch(engine, stalled.pid)
+            paused_at = time.monotonic()
+            say(f"groups: paused {stalled.name} mid-batch (owns {len(owned)} partitions)")
+            await asyncio.sleep(pause_s)
+            stalled.signal(signal.SIGCONT)
+            resumed_at = time.monotonic()
+            await wait_for(lambda: _drained(sampler, stream), 300, "the whole stream")
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(producing, sampling)
+            everything = set(stream.sent)
+            others = everything - owned
+            end = resumed_at + 10
+            fenced = stalled.log.read_text(errors="replace").count("positions moved")
+    finally:
+        stop.set()
+        await engine.dispose()
+        await _teardown(base, settings, database)
+    return {
+        "scenario": "stall",
+        "timeouts": timeouts,
+        "idle_in_transaction_timeout_ms": settings.idle_in_transaction_timeout_ms,
+        "lock_timeout_ms": settings.lock_timeout_ms,
+        "session_timeout_ms": settings.group_session_timeout_ms,
+        "pause_s": pause_s,
+        "others_longest_stop_s": round(sampler.longest_stop(paused_at, end, others), 2),
+        "others_longest_stop_one_partition_s": round(
+            max(sampler.longest_stop(paused_at, end, [tp]) for tp in others), 2
+        ),
+        "paused_replica_partitions_longest_stop_s": round(
+            max(sampler.longest_stop(paused_at, end, [tp]) for tp in owned), 2
+        ),
+        "paused_replica_fenced_after_resume": fenced,
+        "events": sum(stream.sent.values()),
+        "logs": str(logs),
+    }
+
+
+async def rolling(base: Settings, static: bool) -> dict[str, Any]:
+    token = secrets.token_hex(4)
+    settings, database = await _setup(base, token)
+    engine = create_async_engine(settings.database_url, poolclass=NullPool)
+    traffic = Traffic(seed=17, id_base=random.randrange(10**6) * 10**6, partitions=PARTITIONS)
+    stream = Stream(traffic, events=int(RATE * 150), rate=RATE)
+    sampler = Sampler(engine, settings.group_id)
+    stop = asyncio.Event()
+    logs = Path(tempfile.mkdtemp(prefix="bench-groups-"))
+    restarts: list[float] = []
+    try:
+        async with fleet(settings, logs, consumers=3, static=static) as group:
+            producing = asyncio.create_task(stream.produce(settings))
+            sampling = asyncio.create_task(sampler.run(stop))
+            await wait_for(lambda: _all_ready(group), 120, "3 ready replicas")
+            await asyncio.sleep(10)
+            started = time.monotonic()
+            for i in range(len(group.replicas)):
+                began = time.monotonic()
+                code = await group.replicas[i].terminate()
+                if code != 0:
+                    raise RuntimeError(f"{group.replicas[i].name} exited {code} on SIGTERM")
+                replica = await group.replace(i)
+                await wait_for(replica.ready, 120, f"{replica.name} ready")
+                restarts.append(round(time.monotonic() - began, 2))
+                await asyncio.sleep(3)
+            end = time.monotonic() + 5
+            await asyncio.sleep(5)
+            stop.set()
+            producing.cancel()
+            await asyncio.gather(producing, sampling, return_exceptions=True)
+    finally:
+        stop.set()
+        await engine.dispose()
+        await _teardown(base, settings, database)
+    partitions: list[TP] = sorted({tp for _, p in sampler.samples for tp in p})
+    return {
+        "scenario": "rolling restart",
+        "membership": "static" if static else "dynamic",
+        "session_timeout_ms": settings.model_copy(
+            update={"instance_id": "x" if static else None}
+        ).group_session_timeout_ms,
+        "restart_s": restarts,
+        "stop_the_world_s": round(sampler.stopped_time(started, end), 2),
+        "longest_group_stop_s": round(sampler.longest_stop(started, end), 2),
+        "longest_partition_stop_s": round(
+            max(sampler.longest_stop(started, end, [tp]) for tp in partitions), 2
+        ),
+        "window_s": round(end - started, 1),
+        "logs": str(logs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.groups", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("scenario", choices=["stall", "rolling"])
+    parser.add_argument("--pause", type=float, default=30.0, help="seconds the replica is stopped")
+    parser.add_argument(
+        "--no-timeouts", action="store_true", help="stall without the idle and lock timeouts"
+    )
+    args = parser.parse_args()
+    base = Settings()
+    if args.scenario == "stall":
+        results = [asyncio.run(stall(base, args.pause, not args.no_timeouts))]
+    else:
+        results = [asyncio.run(rolling(base, static)) for static in (False, True)]
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    path = RESULTS / f"groups-{args.scenario}-{stamp}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    say(f"groups: written to {path}")
+
+
+if __name__ == "__main__":
+    main()
