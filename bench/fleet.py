@@ -19,9 +19,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import psutil
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -113,6 +116,24 @@ class Replica:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
+
+    async def metric(self, name: str, **labels: str) -> float | None:
+        """The sum of the samples of metric `name` (with `labels`) it exports; None while
+        it does not answer."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http,
+                http.get(f"http://127.0.0.1:{self.port}/metrics") as response,
+            ):
+                body = await response.text()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+        total = 0.0
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total
 
     def tail(self, lines: int = 20) -> str:
         if not self.log.exists():
@@ -310,6 +331,50 @@ class Sampler:
         times = [t for t in self.advances(partitions) if start <= t <= end]
         edges = [start, *times, end]
         return sum(b - a for a, b in itertools.pairwise(edges) if b - a > over_s)
+
+
+# --- catching a replica mid-batch ---------------------------------------------------------------
+
+
+async def in_transaction(engine: AsyncEngine, pid: int) -> tuple[int, Any] | None:
+    """The backend (pid, xact_start) of a writing transaction that process `pid` has open
+    (a batch: its fence's row locks gave it a transaction id)."""
+    try:
+        ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")}
+    except psutil.Error:
+        return None
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            text(
+                "SELECT pid, xact_start, client_port FROM pg_stat_activity"
+                " WHERE backend_xid IS NOT NULL AND backend_type = 'client backend'"
+                " AND state IN ('active', 'idle in transaction')"
+            )
+        )
+        for backend, started, port in found:
+            if port in ports:
+                return int(backend), started
+    return None
+
+
+async def pause_mid_batch(engine: AsyncEngine, pid: int, tries: int = 500) -> None:
+    """SIGSTOP process `pid` while one of its transactions is open (checked after)."""
+    for _ in range(tries):
+        open_before = await in_transaction(engine, pid)
+        if open_before is None:
+            await asyncio.sleep(0.005)
+            continue
+        psutil.Process(pid).send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.2)
+        async with engine.connect() as connection:
+            still = await connection.scalar(
+                text("SELECT xact_start FROM pg_stat_activity WHERE pid = :p"),
+                {"p": open_before[0]},
+            )
+        if still == open_before[1]:
+            return
+        psutil.Process(pid).send_signal(signal.SIGCONT)
+    raise RuntimeError("never caught the replica inside a transaction")
 
 
 def assigned_partitions(log: Path) -> set[TP]:

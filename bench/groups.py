@@ -1,8 +1,9 @@
 """What a stalled replica and a rolling restart cost the rest of a consumer group.
 
     python -m bench.groups stall [--no-timeouts]     # SIGSTOP one of 3 replicas mid-batch
-    python -m bench.groups rolling                   # SIGTERM + restart each of 3 replicas,
-                                                     # dynamic members, then static ones
+    python -m bench.groups rolling [--kill]          # SIGTERM (or kill -9) and restart each
+                                                     # of 3 replicas: dynamic members, then
+                                                     # static ones
 
 Three `sync-service consume` processes share a group on 6+6 partitions while a steady
 stream (1,000 events/s) flows; the stored positions are read every 100 ms. Figures:
@@ -30,12 +31,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from bench.fleet import TP, Fleet, Sampler, Stream, assigned_partitions, fleet, wait_for
+from bench.fleet import (
+    TP,
+    Fleet,
+    Sampler,
+    Stream,
+    assigned_partitions,
+    fleet,
+    pause_mid_batch,
+    wait_for,
+)
 from bench.run_service import create_database, drop_database, say
 from sync_service.config import Settings
 from sync_service.kafka import ensure_topics
@@ -89,46 +97,6 @@ async def _teardown(base: Settings, settings: Settings, database: str) -> None:
         await client.close()
 
 
-async def _in_transaction(engine: AsyncEngine, pid: int) -> tuple[int, Any] | None:
-    """The backend (pid, xact_start) of a transaction that process `pid` has open."""
-    try:
-        ports = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")}
-    except psutil.Error:
-        return None
-    async with engine.connect() as connection:
-        found = await connection.execute(
-            text(
-                "SELECT pid, xact_start, client_port FROM pg_stat_activity"
-                " WHERE xact_start IS NOT NULL AND backend_type = 'client backend'"
-                " AND state IN ('active', 'idle in transaction')"
-            )
-        )
-        for backend, started, port in found:
-            if port in ports:
-                return int(backend), started
-    return None
-
-
-async def _pause_mid_batch(engine: AsyncEngine, pid: int, tries: int = 500) -> None:
-    """SIGSTOP process `pid` while one of its transactions is open (checked after)."""
-    for _ in range(tries):
-        open_before = await _in_transaction(engine, pid)
-        if open_before is None:
-            await asyncio.sleep(0.005)
-            continue
-        psutil.Process(pid).send_signal(signal.SIGSTOP)
-        await asyncio.sleep(0.2)
-        async with engine.connect() as connection:
-            still = await connection.scalar(
-                text("SELECT xact_start FROM pg_stat_activity WHERE pid = :p"),
-                {"p": open_before[0]},
-            )
-        if still == open_before[1]:
-            return
-        psutil.Process(pid).send_signal(signal.SIGCONT)
-    raise RuntimeError("never caught the replica inside a transaction")
-
-
 async def _all_ready(group: Fleet) -> bool:
     return all([await r.ready() for r in group.replicas])
 
@@ -158,7 +126,7 @@ async def stall(base: Settings, pause_s: float, timeouts: bool) -> dict[str, Any
             await asyncio.sleep(10)
             stalled = group.replicas[0]
             owned = assigned_partitions(stalled.log)
-            await _pause_mid_batch(engine, stalled.pid)
+            await pause_mid_batch(engine, stalled.pid)
             paused_at = time.monotonic()
             say(f"groups: paused {stalled.name} mid-batch (owns {len(owned)} partitions)")
             await asyncio.sleep(pause_s)
@@ -196,7 +164,7 @@ async def stall(base: Settings, pause_s: float, timeouts: bool) -> dict[str, Any
     }
 
 
-async def rolling(base: Settings, static: bool) -> dict[str, Any]:
+async def rolling(base: Settings, static: bool, kill: bool) -> dict[str, Any]:
     token = secrets.token_hex(4)
     settings, database = await _setup(base, token)
     engine = create_async_engine(settings.database_url, poolclass=NullPool)
@@ -215,8 +183,9 @@ async def rolling(base: Settings, static: bool) -> dict[str, Any]:
             started = time.monotonic()
             for i in range(len(group.replicas)):
                 began = time.monotonic()
-                code = await group.replicas[i].terminate()
-                if code != 0:
+                if kill:
+                    await group.replicas[i].kill()
+                elif (code := await group.replicas[i].terminate()) != 0:
                     raise RuntimeError(f"{group.replicas[i].name} exited {code} on SIGTERM")
                 replica = await group.replace(i)
                 await wait_for(replica.ready, 120, f"{replica.name} ready")
@@ -233,7 +202,7 @@ async def rolling(base: Settings, static: bool) -> dict[str, Any]:
         await _teardown(base, settings, database)
     partitions: list[TP] = sorted({tp for _, p in sampler.samples for tp in p})
     return {
-        "scenario": "rolling restart",
+        "scenario": "restart by kill -9" if kill else "rolling restart by SIGTERM",
         "membership": "static" if static else "dynamic",
         "session_timeout_ms": settings.model_copy(
             update={"instance_id": "x" if static else None}
@@ -255,6 +224,7 @@ def main() -> None:
     )
     parser.add_argument("scenario", choices=["stall", "rolling"])
     parser.add_argument("--pause", type=float, default=30.0, help="seconds the replica is stopped")
+    parser.add_argument("--kill", action="store_true", help="rolling: kill -9, not SIGTERM")
     parser.add_argument(
         "--no-timeouts", action="store_true", help="stall without the idle and lock timeouts"
     )
@@ -263,7 +233,7 @@ def main() -> None:
     if args.scenario == "stall":
         results = [asyncio.run(stall(base, args.pause, not args.no_timeouts))]
     else:
-        results = [asyncio.run(rolling(base, static)) for static in (False, True)]
+        results = [asyncio.run(rolling(base, static, args.kill)) for static in (False, True)]
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     path = RESULTS / f"groups-{args.scenario}-{stamp}.json"
