@@ -43,14 +43,14 @@ async def test_rebalance_storm_with_a_paused_replica(
     settings: Settings, logged: AsyncEngine, tmp_path: Path
 ) -> None:
     await create_all_topics(settings)
-    flow = stream(events=20_000, rate=500, seed=31)
+    flow = stream(events=24_000, rate=500, seed=31)
     sampler = Sampler(logged, settings.group_id)
     stop = asyncio.Event()
     async with Downstream(settings) as downstream, fleet(settings, tmp_path, relay=True) as group:
+        await wait_for(lambda: _all_ready(group), 120, "3 ready replicas")
         producing = asyncio.create_task(flow.produce(settings))
         sampling = asyncio.create_task(sampler.run(stop))
         try:
-            await wait_for(lambda: _all_ready(group), 120, "3 ready replicas")
             await asyncio.sleep(2)
 
             # One replica stops dead inside a batch transaction, past its session timeout.
@@ -94,10 +94,10 @@ async def test_rolling_restart_by_sigterm_mid_batch(
         Downstream(settings) as downstream,
         fleet(settings, tmp_path, relay=True, static=True) as group,
     ):
+        await wait_for(lambda: _all_ready(group), 120, "3 ready replicas")
         producing = asyncio.create_task(flow.produce(settings))
         sampling = asyncio.create_task(sampler.run(stop))
         try:
-            await wait_for(lambda: _all_ready(group), 120, "3 ready replicas")
             for index, replica in enumerate(group.replicas):
                 assert not flow.done.is_set(), "the stream ended before the restarts"
                 await wait_for(
