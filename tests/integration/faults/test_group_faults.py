@@ -87,7 +87,7 @@ async def test_rolling_restart_by_sigterm_mid_batch(
     settings: Settings, logged: AsyncEngine, tmp_path: Path
 ) -> None:
     await create_all_topics(settings)
-    flow = stream(events=12_000, rate=500, seed=37)
+    flow = stream(events=15_000, rate=300, seed=37)
     sampler = Sampler(logged, settings.group_id)
     stop = asyncio.Event()
     async with (
