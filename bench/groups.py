@@ -55,7 +55,8 @@ RATE = 1_000.0
 RESULTS = Path(__file__).with_name("results")
 
 
-async def _setup(base: Settings, token: str) -> tuple[Settings, str]:
+async def prepare(base: Settings, token: str) -> tuple[Settings, str]:
+    """A migrated database and 6+6-partition change topics of a run's own, and its settings."""
     name = f"bench_groups_{token}"
     url = await create_database(base.database_url, name)
     await upgrade(Settings(database_url=url))
@@ -79,7 +80,7 @@ async def _setup(base: Settings, token: str) -> tuple[Settings, str]:
     return settings, name
 
 
-async def _teardown(base: Settings, settings: Settings, database: str) -> None:
+async def teardown(base: Settings, settings: Settings, database: str) -> None:
     """Best effort: drop the run's database and delete its topics."""
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -107,7 +108,7 @@ async def _drained(sampler: Sampler, stream: Stream) -> bool:
 
 async def stall(base: Settings, pause_s: float, timeouts: bool) -> dict[str, Any]:
     token = secrets.token_hex(4)
-    settings, database = await _setup(base, token)
+    settings, database = await prepare(base, token)
     if not timeouts:
         settings = settings.model_copy(
             update={"idle_in_transaction_timeout_ms": 0, "lock_timeout_ms": 0}
@@ -143,7 +144,7 @@ async def stall(base: Settings, pause_s: float, timeouts: bool) -> dict[str, Any
     finally:
         stop.set()
         await engine.dispose()
-        await _teardown(base, settings, database)
+        await teardown(base, settings, database)
     return {
         "scenario": "stall",
         "timeouts": timeouts,
@@ -166,7 +167,7 @@ async def stall(base: Settings, pause_s: float, timeouts: bool) -> dict[str, Any
 
 async def rolling(base: Settings, static: bool, kill: bool) -> dict[str, Any]:
     token = secrets.token_hex(4)
-    settings, database = await _setup(base, token)
+    settings, database = await prepare(base, token)
     engine = create_async_engine(settings.database_url, poolclass=NullPool)
     traffic = Traffic(seed=17, id_base=random.randrange(10**6) * 10**6, partitions=PARTITIONS)
     stream = Stream(traffic, events=int(RATE * 150), rate=RATE)
@@ -199,13 +200,13 @@ async def rolling(base: Settings, static: bool, kill: bool) -> dict[str, Any]:
     finally:
         stop.set()
         await engine.dispose()
-        await _teardown(base, settings, database)
+        await teardown(base, settings, database)
     partitions: list[TP] = sorted({tp for _, p in sampler.samples for tp in p})
     return {
         "scenario": "restart by kill -9" if kill else "rolling restart by SIGTERM",
         "membership": "static" if static else "dynamic",
         "session_timeout_ms": settings.model_copy(
-            update={"instance_id": "x" if static else None}
+            update={"instance_id": "x" if static else ""}
         ).group_session_timeout_ms,
         "restart_s": restarts,
         "stop_the_world_s": round(sampler.stopped_time(started, end), 2),

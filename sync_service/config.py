@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,10 +20,11 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "localhost:9092"
     group_id: str = "sync-service"
     # Static group membership (KIP-345): a replica that comes back under the same id
-    # within the session timeout gets its partitions back without a rebalance.
-    instance_id: str | None = Field(default=None, min_length=1, max_length=249)
-    session_timeout_ms: int | None = Field(
-        default=None, ge=6_000, le=1_800_000, description="unset: 45 s static, else 10 s"
+    # within the session timeout gets its partitions back without a rebalance. Empty:
+    # a dynamic member.
+    instance_id: str = Field(default="", max_length=200)
+    session_timeout_ms: int = Field(
+        default=0, ge=0, le=1_800_000, description="0: 45 s with an instance id, else 10 s"
     )
     users_topic: str = "cdc.users"
     orders_topic: str = "cdc.orders"
@@ -74,10 +75,17 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     log_level: str = "INFO"
 
+    @field_validator("session_timeout_ms")
+    @classmethod
+    def _within_the_brokers_bounds(cls, value: int) -> int:
+        if 0 < value < 6_000:
+            raise ValueError("must be 0 (automatic) or at least 6000, the broker's minimum")
+        return value
+
     @property
     def group_session_timeout_ms(self) -> int:
         """The consumer's session timeout: long enough for a static member to restart."""
-        if self.session_timeout_ms is not None:
+        if self.session_timeout_ms:
             return self.session_timeout_ms
         return 45_000 if self.instance_id else 10_000
 

@@ -110,7 +110,9 @@ def render(letters: Sequence[DeadLetterView]) -> str:
 async def redrive(settings: Settings, ids: list[int] | None) -> str:
     """Decode the dead letters `ids` (default: all not yet applied) again; apply the valid
     ones and mark every one with the outcome. Returns one line of counts."""
-    engine = await connect(settings)
+    # Its one transaction decodes every letter between two statements: a long list must
+    # not be ended by the idle timeout meant for a stalled service process.
+    engine = await connect(settings.model_copy(update={"idle_in_transaction_timeout_ms": 0}))
     backoff = Backoff(settings.retry_initial_ms / 1000, settings.retry_max_ms / 1000)
     attempt = 1
     try:

@@ -123,3 +123,41 @@ async def _mid_batch(engine: AsyncEngine, pid: int) -> bool:
     with contextlib.suppress(Exception):
         return await in_transaction(engine, pid) is not None
     return False
+
+
+async def test_a_dynamic_replica_leaves_the_group_at_once_on_sigterm(
+    settings: Settings, logged: AsyncEngine, tmp_path: Path
+) -> None:
+    """Without an instance id, SIGTERM mid-batch ends the batch, then leaves the group: the
+    other replica owns every partition long before the session timeout would say so."""
+    await create_all_topics(settings)
+    own = settings.model_copy(update={"session_timeout_ms": 30_000})
+    flow = stream(events=6_000, rate=300, seed=47)
+    sampler = Sampler(logged, own.group_id)
+    stop = asyncio.Event()
+    async with (
+        Downstream(own) as downstream,
+        fleet(own, tmp_path, consumers=2, relay=True) as group,
+    ):
+        await wait_for(lambda: _all_ready(group), 120, "2 ready replicas")
+        producing = asyncio.create_task(flow.produce(own))
+        sampling = asyncio.create_task(sampler.run(stop))
+        try:
+            leaving, staying = group.replicas
+            await wait_for(functools.partial(_mid_batch, logged, leaving.pid), 30, "mid-batch")
+            assert await leaving.terminate(timeout_s=45) == 0, leaving.tail()
+            left = time.monotonic()
+            everything = {(t, p) for t in (own.users_topic, own.orders_topic) for p in range(6)}
+            await wait_for(
+                lambda: _owns(staying.log, everything), 20, "the other replica owning everything"
+            )
+            assert time.monotonic() - left < 15, "the group waited for the session timeout"
+            await wait_for(lambda: drained(sampler, flow), 180, "the whole stream stored")
+        finally:
+            stop.set()
+            await asyncio.gather(producing, sampling)
+        await assert_final(logged, own, flow, downstream)
+
+
+async def _owns(log: Path, partitions: set[tuple[str, int]]) -> bool:
+    return assigned_partitions(log) == partitions
