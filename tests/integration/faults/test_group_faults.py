@@ -125,6 +125,7 @@ async def _mid_batch(engine: AsyncEngine, pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 async def test_a_dynamic_replica_leaves_the_group_at_once_on_sigterm(
     settings: Settings, logged: AsyncEngine, tmp_path: Path
 ) -> None:
