@@ -22,6 +22,13 @@ class Settings(BaseSettings):
     # Kafka, inbound (CONTRACT section 1).
     kafka_bootstrap: str = "localhost:9092"
     group_id: str = "sync-service"
+    # Static group membership (KIP-345): a replica that comes back under the same id
+    # within the session timeout gets its partitions back without a rebalance. Empty:
+    # a dynamic member.
+    instance_id: str = Field(default="", max_length=200)
+    session_timeout_ms: int = Field(
+        default=0, ge=0, le=1_800_000, description="0: 45 s with an instance id, else 10 s"
+    )
     users_topic: str = "cdc.users"
     orders_topic: str = "cdc.orders"
     inbound_format: Literal["native", "debezium"] = "native"
@@ -55,6 +62,11 @@ class Settings(BaseSettings):
     database_sslrootcert: Path | None = Field(default=None, description="unset: system CAs")
     database_sslcert: Path | None = None
     database_sslkey: Path | None = None
+    # A stalled process (SIGSTOP, a VM pause) must not hold its locks, or the outbox's
+    # xmin, for longer than this: the server ends its open transaction (and connection).
+    idle_in_transaction_timeout_ms: int = Field(default=5_000, ge=0, description="0 = no limit")
+    # A lock wait past this fails the statement (retried with backoff, its cause logged).
+    lock_timeout_ms: int = Field(default=3_000, ge=0, description="0 = no limit")
 
     # Batching and backpressure.
     batch_max_events: int = Field(default=5_000, ge=1)
@@ -104,6 +116,20 @@ class Settings(BaseSettings):
     log_outage_summary_s: float = Field(
         default=30.0, gt=0, description="seconds between the log's summaries of an outage"
     )
+
+    @field_validator("session_timeout_ms")
+    @classmethod
+    def _within_the_brokers_bounds(cls, value: int) -> int:
+        if 0 < value < 6_000:
+            raise ValueError("must be 0 (automatic) or at least 6000, the broker's minimum")
+        return value
+
+    @property
+    def group_session_timeout_ms(self) -> int:
+        """The consumer's session timeout: long enough for a static member to restart."""
+        if self.session_timeout_ms:
+            return self.session_timeout_ms
+        return 45_000 if self.instance_id else 10_000
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         """Passwords masked: a URL's, and any secret setting's."""

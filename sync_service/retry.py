@@ -34,7 +34,8 @@ _TRANSIENT_PG = (
     asyncpg.ExclusionViolationError,  # the deferred email rule: another batch took it first
     asyncpg.QueryCanceledError,
     asyncpg.AdminShutdownError,
-    asyncpg.LockNotAvailableError,
+    asyncpg.LockNotAvailableError,  # lock_timeout: the fence behind a stalled owner, say
+    asyncpg.IdleInTransactionSessionTimeoutError,  # this process stalled mid-batch
 )
 
 

@@ -26,13 +26,25 @@ def _json_dumps(value: Any) -> str:
 
 def make_engine(settings: Settings, *, application_name: str = "sync-service") -> AsyncEngine:
     """An engine whose pool is sized and recycled as the settings say, and whose every
-    connection (the relay's LISTEN one too) uses the TLS the settings say."""
+    connection (the relay's LISTEN one too) uses the TLS the settings say. Its connections
+    name the replica (`sync-service/<SYNC_INSTANCE_ID>`) in `pg_stat_activity`."""
+    if settings.instance_id:
+        application_name = f"{application_name}/{settings.instance_id}"[:63]
     # Every statement is planned for its own arrays: a plan cached while a table was
     # still nearly empty (a generic plan, chosen after five executions) joins a batch's
     # keys by nested loops, which costs time quadratic in the batch once the table grows.
     server_settings = {"application_name": application_name, "plan_cache_mode": "force_custom_plan"}
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+    # A stalled replica's open batch ends within the idle timeout, freeing its position
+    # locks and the relay's xmin; a wait on a lock ends within the lock timeout and is
+    # retried (the fence's `FOR UPDATE` behind a stalled owner among them).
+    if settings.idle_in_transaction_timeout_ms:
+        server_settings["idle_in_transaction_session_timeout"] = str(
+            settings.idle_in_transaction_timeout_ms
+        )
+    if settings.lock_timeout_ms:
+        server_settings["lock_timeout"] = str(settings.lock_timeout_ms)
     return create_async_engine(
         settings.database_url,
         pool_size=settings.pool_size,

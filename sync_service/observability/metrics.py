@@ -56,6 +56,15 @@ OUTBOX_BACKLOG = Gauge("sync_outbox_backlog", "Outbox rows not yet published.")
 OUTBOX_OLDEST_AGE = Gauge(
     "sync_outbox_oldest_age_seconds", "Age of the oldest outbox row not yet published."
 )
+OUTBOX_HELD = Gauge(
+    "sync_outbox_held_back",
+    "Outbox rows committed after the oldest open transaction began: the relay publishes"
+    " them once it ends.",
+)
+HORIZON_AGE = Gauge(
+    "sync_oldest_transaction_age_seconds",
+    "Age of the server's oldest open transaction with a transaction id (the relay's horizon).",
+)
 PUBLISHED = Counter("sync_outbox_published_total", "Outbox rows published.", ["topic"])
 PUBLISH_SECONDS = Histogram(
     "sync_relay_publish_seconds",

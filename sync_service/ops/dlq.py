@@ -212,7 +212,9 @@ async def redrive(
     each next one, in that chunk's transaction)."""
     selection = Selection(ids=ids, kind=kind, reason_contains=reason_contains)
     run = _Run(settings, selection, chunk)
-    engine = await connect(settings)
+    # A chunk decodes its letters between two statements: a large one must not be ended
+    # by the idle timeout meant for a stalled service process.
+    engine = await connect(settings.model_copy(update={"idle_in_transaction_timeout_ms": 0}))
     try:
         async with engine.connect() as connection:
             await check_selection(connection, selection)

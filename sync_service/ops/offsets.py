@@ -97,6 +97,15 @@ class OffsetsReport:
             "outbox": {
                 "backlog": figures.outbox,
                 "oldest_age_s": _age_s(figures, figures.outbox_oldest),
+                "held_back": figures.outbox_held,
+                "held_by": None
+                if figures.horizon is None or not figures.outbox_held
+                else {
+                    "pid": figures.horizon.pid,
+                    "application_name": figures.horizon.application,
+                    "state": figures.horizon.state,
+                    "age_s": round(figures.horizon.age_s, 3),
+                },
             },
         }
 
@@ -128,6 +137,13 @@ class OffsetsReport:
             f"dead letters not re-driven: {figures.dead_letters}",
             f"outbox backlog: {figures.outbox}{_oldest(figures, figures.outbox_oldest)}",
         ]
+        if figures.outbox_held and figures.horizon is not None:
+            h = figures.horizon
+            lines.append(
+                f"outbox held back: {figures.outbox_held} rows wait for a transaction open"
+                f" {format_age(h.age_s)} (pid {h.pid}, {h.application or 'no application_name'},"
+                f" {h.state}); the relay publishes them once it ends"
+            )
         return "\n".join(lines)
 
 

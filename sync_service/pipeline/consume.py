@@ -114,7 +114,12 @@ class ChangeConsumer:
         consumer = kafka.consumer(
             settings,
             group_id=settings.group_id,
-            client_id=f"{settings.group_id}-consumer",
+            client_id=f"{settings.group_id}-{settings.instance_id or 'consumer'}",
+            # A static member (an instance id) that stops does not leave the group: back
+            # within the session timeout, it gets its partitions again and nobody else
+            # rebalances. A dynamic one leaves on stop, and its partitions move at once.
+            group_instance_id=settings.instance_id or None,
+            session_timeout_ms=settings.group_session_timeout_ms,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",

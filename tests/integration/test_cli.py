@@ -81,7 +81,7 @@ async def test_offsets_prints_json_and_a_table(settings: Settings, engine: Async
         "lag": 2,
         "waiting": {"changes": 0, "oldest_age_s": None},
         "dead_letters": {"not_redriven": 0},
-        "outbox": {"backlog": 0, "oldest_age_s": None},
+        "outbox": {"backlog": 0, "oldest_age_s": None, "held_back": 0, "held_by": None},
     }  # fmt: skip
 
     table = await cli(settings, "offsets")
