@@ -1,6 +1,7 @@
 """Processes a test starts and always stops: `sync-service` as an operator runs it (the
 installed entry point, every byte it writes kept), and a private single-node Kafka (KRaft,
-the shared cache's jars) that a test may stop and start without touching anyone else's.
+the shared cache's jars) and PostgreSQL that a test may stop, kill and start again
+without touching the shared ones. (Servers configured for TLS are in `private_servers`.)
 """
 
 from __future__ import annotations
@@ -311,6 +312,11 @@ class PrivatePostgres:
             await self._as_postgres(
                 str(PG_BIN / "pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop"
             )
+
+    async def restart_fast(self) -> None:
+        """Every session ended and its open transaction rolled back, then up again."""
+        await self.stop()
+        await self.start()
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

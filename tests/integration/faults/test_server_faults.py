@@ -26,7 +26,7 @@ from tests.integration.faults.scenario import (
     log_outbox,
     stream,
 )
-from tests.integration.faults.servers import PrivatePostgres, private_kafka, private_postgres
+from tests.integration.processes import PrivatePostgres, private_kafka, private_postgres
 from tests.integration.relay_helpers import Downstream
 
 KAFKA_PORT = 29092
@@ -51,7 +51,7 @@ async def _published(group: Fleet) -> float:
 async def test_kafka_killed_mid_stream_and_restarted(
     settings: Settings, logged: AsyncEngine, tmp_path: Path
 ) -> None:
-    async with private_kafka(KAFKA_PORT) as kafka:
+    async with private_kafka(tmp_path / "kafka", port=KAFKA_PORT) as kafka:
         own = settings.model_copy(update={"kafka_bootstrap": kafka.bootstrap})
         await create_all_topics(own)
         flow = stream(events=8_000, rate=400, seed=53)
@@ -66,7 +66,7 @@ async def test_kafka_killed_mid_stream_and_restarted(
             sampling = asyncio.create_task(sampler.run(stop))
             try:
                 await wait_for(lambda: _above(_published(group), 1_000), 60, "publishing")
-                kafka.kill()
+                await kafka.stop(kill=True)
                 stored = sampler.total()
                 await asyncio.sleep(8)
                 await kafka.start()
@@ -86,7 +86,7 @@ async def private_database(
     settings: Settings,
 ) -> AsyncIterator[tuple[Settings, PrivatePostgres]]:
     """Settings whose database is on a private cluster (migrated to head), and the cluster."""
-    async with private_postgres(POSTGRES_PORT) as server:
+    async with private_postgres(port=POSTGRES_PORT) as server:
         name = f"faults_{uuid.uuid4().hex[:8]}"
         admin = create_async_engine(server.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         async with admin.connect() as connection:
@@ -118,7 +118,7 @@ async def test_postgres_restarted_while_the_relay_listens_and_the_consumer_write
             sampling = asyncio.create_task(sampler.run(stop))
             try:
                 await wait_for(lambda: _above(_published(group), 1_000), 60, "publishing")
-                await asyncio.to_thread(server.restart_fast)
+                await server.restart_fast()
                 assert not flow.done.is_set(), "the stream ended before the restart"
                 await wait_for(lambda: drained(sampler, flow), 300, "the whole stream stored")
             finally:
