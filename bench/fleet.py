@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import signal
 import socket
 import sys
@@ -377,15 +378,14 @@ async def pause_mid_batch(engine: AsyncEngine, pid: int, tries: int = 500) -> No
     raise RuntimeError("never caught the replica inside a transaction")
 
 
+_PARTITION = re.compile(r"([A-Za-z0-9._-]+)\[(\d+)\]")
+
+
 def assigned_partitions(log: Path) -> set[TP]:
-    """The partitions a consumer's log says it was last assigned."""
+    """The partitions a consumer's log says it was last assigned (the text format's
+    `assigned N partitions partitions=t[0],t[1]`)."""
     last = ""
     for line in log.read_text(errors="replace").splitlines():
         if " assigned " in line:
             last = line.split(" assigned ", 1)[1]
-    found = set()
-    for item in last.split(", "):
-        if "[" in item and item.endswith("]"):
-            topic, partition = item[:-1].rsplit("[", 1)
-            found.add((topic, int(partition)))
-    return found
+    return {(topic, int(partition)) for topic, partition in _PARTITION.findall(last)}

@@ -130,9 +130,14 @@ async def _fresh(pki: Pki, broker: SecureKafka, database_server: SecurePostgres)
 
 @pytest.fixture
 def no_refusal() -> Iterator[None]:
+    """No refusal recorded before or after, and no watch on aiokafka's log left behind
+    (it describes refusals with the settings it was given)."""
     kafka.REFUSAL.set(None)
     yield
     kafka.REFUSAL.set(None)
+    library = logging.getLogger("aiokafka")
+    for watch in [f for f in library.filters if isinstance(f, kafka._Watch)]:
+        library.removeFilter(watch)
 
 
 async def test_the_service_drains_and_relays_exactly_once_over_sasl_ssl_and_verified_tls(
@@ -345,6 +350,7 @@ async def test_the_consumer_retries_a_refusing_broker_and_says_why(
     consumer = ChangeConsumer(wrong, BatchWriter(make_sessionmaker(engine), wrong.group_id, 10))
     stop = asyncio.Event()
     caplog.set_level(logging.WARNING)
+    kafka.watch(wrong)  # as the service does when it starts
     task = asyncio.create_task(consumer.run(stop))
     try:
 
