@@ -2,6 +2,8 @@
 installed entry point, every byte it writes kept), and a private single-node Kafka (KRaft,
 the shared cache's jars) and PostgreSQL that a test may stop, kill and start again
 without touching the shared ones. (Servers configured for TLS are in `private_servers`.)
+Its ports stay below the kernel's ephemeral range (32768 and up), where a client's own
+connection could take them first.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class PrivateKafka:
     """A single-node KRaft broker of the test's own on `port` (controller on `port + 1`),
     its data in `directory`: stop it and start it again as often as needed."""
 
-    def __init__(self, directory: Path, port: int = 39092) -> None:
+    def __init__(self, directory: Path, port: int = 24092) -> None:
         self.directory = directory
         self.port = port
         self.bootstrap = f"localhost:{port}"
@@ -257,7 +259,7 @@ class PrivateKafka:
 
 
 @contextlib.asynccontextmanager
-async def private_kafka(directory: Path, port: int = 39092) -> AsyncIterator[PrivateKafka]:
+async def private_kafka(directory: Path, port: int = 24092) -> AsyncIterator[PrivateKafka]:
     """A private broker for the block, always stopped at its end."""
     kafka = PrivateKafka(directory, port)
     try:
@@ -275,7 +277,7 @@ class PrivatePostgres:
     one does), its data in a fresh directory owned by the `postgres` OS user (the server
     refuses to run as root): stop it and start it again as often as needed."""
 
-    def __init__(self, port: int = 35432) -> None:
+    def __init__(self, port: int = 26432) -> None:
         self.port = port
         self.url = f"postgresql+asyncpg://postgres@localhost:{port}/postgres"
         self.directory = Path(tempfile.mkdtemp(prefix="sync-logs-pg-"))
@@ -323,7 +325,7 @@ class PrivatePostgres:
 
 
 @contextlib.asynccontextmanager
-async def private_postgres(port: int = 35432) -> AsyncIterator[PrivatePostgres]:
+async def private_postgres(port: int = 26432) -> AsyncIterator[PrivatePostgres]:
     """A private server for the block, always stopped and removed at its end."""
     server = PrivatePostgres(port)
     try:

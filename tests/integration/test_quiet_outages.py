@@ -37,7 +37,7 @@ OUTAGE_S = 20
 async def test_a_kafka_outage_is_told_in_a_few_lines(
     settings: Settings, engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    async with private_kafka(tmp_path / "kafka", port=39092) as kafka:
+    async with private_kafka(tmp_path / "kafka", port=24092) as kafka:
         settings = settings.model_copy(
             update={
                 "kafka_bootstrap": kafka.bootstrap,
@@ -87,9 +87,9 @@ async def test_a_kafka_outage_is_told_in_a_few_lines(
 
 @pytest.mark.slow
 async def test_a_postgresql_outage_is_told_in_a_few_lines(settings: Settings) -> None:
-    """A private PostgreSQL (port 35432) stopped (fast) for ~20 s while changes keep
+    """A private PostgreSQL (port 26432) stopped (fast) for ~20 s while changes keep
     arriving: the consumer's and the relay's retries fold into one outage."""
-    async with private_postgres(port=35432) as server:
+    async with private_postgres(port=26432) as server:
         admin = create_async_engine(server.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         async with admin.connect() as connection:
             await connection.execute(text("CREATE DATABASE logs_outage"))
