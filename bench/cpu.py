@@ -34,10 +34,10 @@ import orjson
 
 from bench.workload import Topics, Workload
 from sync_service.events.change import Change, Entity
+from sync_service.memory import tune_gc
 from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.plan import Plan, Row, needs, plan
 from sync_service.pipeline.write import _outbox_row
-from sync_service.service import tune_gc
 
 _LIMITS = Limits(
     max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1_024

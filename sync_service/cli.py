@@ -121,7 +121,8 @@ def relay() -> None:
 
 
 def _serve(**parts: Any) -> None:
-    from sync_service.service import serve, tune_gc
+    from sync_service.memory import tune_gc
+    from sync_service.service import serve
 
     settings = _settings()
     tune_gc()

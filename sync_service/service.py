@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
@@ -20,6 +19,7 @@ from sync_service.db.engine import make_engine, make_sessionmaker
 from sync_service.db.schema import SchemaNotAtHead, current_revision, head_revision, require_head
 from sync_service.errors import UserError
 from sync_service.kafka import require_topics
+from sync_service.memory import trim_heap
 from sync_service.observability.health import serve_http
 from sync_service.observability.redact import masked_url
 from sync_service.ops.stats import refresh_gauges
@@ -119,7 +119,7 @@ async def serve(
                 "http_port": settings.http_port,
             },
         )
-        parts: list[Coroutine[Any, Any, None]] = [_gauges(engine, stop)]
+        parts: list[Coroutine[Any, Any, None]] = [_gauges(engine, stop), trim_heap(stop)]
         if consumer is not None:
             parts.append(consumer.run(stop))
         if relay_part is not None:
@@ -155,27 +155,6 @@ async def _gauges(engine: AsyncEngine, stop: asyncio.Event, every_s: float = 5.0
             log.debug("gauges not refreshed: %s", describe(error))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every_s)
-
-
-GC_YOUNG_THRESHOLD = 100_000
-"""Container objects allocated (net of those freed) before the youngest generation is
-collected; CPython's default is 700. The pipeline's objects die by reference counting
-within a batch or two, so collecting every 700 only walked live data, and promoted it:
-a full collection (~70 ms) followed every ~6,000 events. In 200k-event drains the
-collector took 30% of the consumer's CPU; at this threshold it ran once (25 ms) in a
-200k drain (consumer CPU per event -25 to -40%, same peak RSS; bench/README.md). Cyclic
-garbage is still collected, after this many objects of it."""
-
-
-def tune_gc() -> None:
-    """Move everything alive after start-up (modules, classes, the ORM's and Pydantic's
-    schemas) out of the cycle collector's reach, and collect young objects only after
-    `GC_YOUNG_THRESHOLD` of them: none of the start-up objects is ever garbage, and the
-    pipeline's own objects are freed by reference counting. For a process that runs the
-    pipeline until it stops (the CLI's serving commands)."""
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:
