@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sync_service.events.change import Change, DeadLetter, Skipped
-from sync_service.pipeline.render import Rendered, render
 
 TopicPartition = tuple[str, int]
 
@@ -26,10 +25,6 @@ class Batch:
     opened_at: float = 0.0
     sweep: bool = False
     """Also retry the oldest waiting changes of the owned partitions."""
-    rendered: dict[int, Rendered] = field(default_factory=dict)
-    """Upserts' rows and outbox rows rendered as they were added, by `id()` of the change
-    (each holds its change, so the id stays its own): the writer uses one only for the
-    change it was rendered from, and renders what is missing itself."""
 
     def __len__(self) -> int:
         return len(self.changes) + len(self.dead) + len(self.skipped)
@@ -50,9 +45,6 @@ class BatchBuilder:
             batch.opened_at = now
         if isinstance(item, Change):
             batch.changes.append(item)
-            # Here, while the batch before is being written, not in this one's transaction.
-            if (rendered := render(item)) is not None:
-                batch.rendered[id(item)] = rendered
         elif isinstance(item, DeadLetter):
             batch.dead.append(item)
         else:

@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     ColumnElement,
     Select,
@@ -55,11 +56,11 @@ from sync_service.db.statements import as_arrays, copy_rows, upsert_rows
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.events.dead_letter import DEAD_LETTER, outbox_payload
 from sync_service.events.dead_letter import event_id as dead_letter_event_id
+from sync_service.events.outbound import downstream_event_text, event_type, outbound_value
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope, envelope_document
 from sync_service.pipeline.guard import DeadLetterGuard, Trip, paused_partitions
 from sync_service.pipeline.plan import COLUMNS, Applied, PendingKey, Plan, Row, Waiting, needs, plan
-from sync_service.pipeline.render import Rendered, outbox_tail, rendered_tail
 from sync_service.retry import Transient
 
 OUTBOX_CHANNEL = "sync_outbox"
@@ -338,7 +339,7 @@ class BatchWriter:
         # PostgreSQL writes the rows while this process builds the outbox rows.
         upserting = asyncio.ensure_future(_upsert(session, todo, result))
         try:
-            outbox = await _outbox_rows(todo.applied, txid, batch.rendered)
+            outbox = await _outbox_rows(todo.applied, txid)
             await upserting
         finally:
             if not upserting.done():
@@ -456,7 +457,6 @@ def _bound(
         next_offsets=next_offsets,
         opened_at=batch.opened_at,
         sweep=batch.sweep,
-        rendered=batch.rendered,
     )
     return bounded, {tp: resume for tp, (_, resume) in ended.items()}
 
@@ -475,22 +475,14 @@ async def _upsert(session: AsyncSession, todo: Plan, result: WriteResult) -> Non
 
 
 async def _outbox_rows(
-    applied: Sequence[Applied],
-    txid: int,
-    rendered: Mapping[int, Rendered],
-    slice_size: int = 2000,
+    applied: Sequence[Applied], txid: int, slice_size: int = 500
 ) -> list[_OutboxRow]:
-    """The outbox rows of `applied`, in order: those rendered ahead taken as they are,
-    the rest rendered here, yielding to the loop between slices so that a statement
-    under way can be answered and the next one sent."""
+    """The outbox rows of `applied`, in order, yielding to the loop between slices so that
+    a statement under way can be answered and the next one sent."""
     rows: list[_OutboxRow] = []
-    found = rendered.get
     for start in range(0, len(applied), slice_size):
         await asyncio.sleep(0)
-        rows.extend(
-            (txid, *rendered_tail(found(id(a.change)), a.change, a.row))
-            for a in applied[start : start + slice_size]
-        )
+        rows.extend(_outbox_row(a.change, a.row, txid) for a in applied[start : start + slice_size])
     return rows
 
 
@@ -522,7 +514,12 @@ _OutboxRow = tuple[int, str, str, str, str, int, str]
 
 def _outbox_row(change: Change, row: Row, txid: int) -> _OutboxRow:
     """One outbox row, in `_OUTBOX_COLUMNS` order."""
-    return (txid, *outbox_tail(change, row))
+    event_id = downstream_event_text(change.event_id)
+    kind = event_type(change)
+    aggregate_id = str(change.id)  # each computed once, for its column and the payload
+    value = outbound_value(change, row, event_id, kind, aggregate_id)
+    payload = orjson.dumps(value, default=str).decode()
+    return (txid, change.entity, aggregate_id, kind, event_id, change.version, payload)
 
 
 def _dead_letter_outbox_row(letter: DeadLetter, txid: int) -> _OutboxRow:
