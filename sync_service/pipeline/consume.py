@@ -146,18 +146,9 @@ class ChangeConsumer:
 
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
         self._apply_backpressure(consumer)
-        wait_ms = 0 if self._sliced else self._settings.batch_max_wait_ms
-        if wait_ms and self._waits_for_writer():
-            # The next batch is ready and only the one in flight holds it back: wait for
-            # that one, not for a fetch (with every partition paused by backpressure, a
-            # fetch would only return when its wait ran out), so the next transaction
-            # starts as soon as the last commits. Fetched records keep in the client.
-            inflight = self._inflight
-            assert inflight is not None
-            await asyncio.wait([inflight], timeout=wait_ms / 1000)
-            wait_ms = 0
         fetched = await consumer.getmany(
-            timeout_ms=wait_ms, max_records=self._settings.poll_max_records
+            timeout_ms=0 if self._sliced else self._settings.batch_max_wait_ms,
+            max_records=self._settings.poll_max_records,
         )
         now = self._clock()
         if outages.current().kafka.down:
@@ -215,16 +206,6 @@ class ChangeConsumer:
             self._guard_due = now + GUARD_POLL_S
             await self._release_resumed(consumer)
         await asyncio.sleep(0)  # let the batch in flight take its turn
-
-    def _waits_for_writer(self) -> bool:
-        """A write is under way and the batch being built would start now were it done."""
-        inflight = self._inflight
-        return (
-            inflight is not None
-            and not inflight.done()
-            and not self._rebalancing
-            and self._builder.due(self._clock())
-        )
 
     def _notice_fetches(self, consumer: AIOKafkaConsumer, fetched: dict[Any, Any]) -> None:
         """End a Kafka outage once the broker answers a fetch again (an answer without

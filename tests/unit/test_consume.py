@@ -144,36 +144,6 @@ async def test_a_backlog_is_decoded_a_slice_per_step_without_waiting_between() -
     assert waits == [50, 0, 50]
 
 
-async def test_the_next_batch_starts_when_the_one_in_flight_commits_not_after_a_fetch() -> None:
-    # A fetch that finds nothing waits `batch_max_wait_ms`: long here, so a wait shows.
-    settings = Settings(
-        users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5_000
-    )
-    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(20)])
-    writer = HeldWriter()
-    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
-    consumer._consumer = kafka
-    consumer._expected[("users", 0)] = None
-    consumer._pending_due = float("inf")
-
-    await consumer._step(kafka)  # the first batch, handed to the writer (held)
-    await consumer._step(kafka)  # the second, built: nothing left to fetch
-    first = consumer._inflight
-    assert first is not None
-    assert len(consumer._builder) == 10
-
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.05, writer.release.set)  # the first batch commits in 50 ms
-    started = loop.time()
-    await consumer._step(kafka)
-    assert loop.time() - started < 1.0  # not the fetch's 5 s
-    second = consumer._inflight
-    assert second is not None
-    assert second is not first  # the second batch is under way (or written)
-    await second
-    assert writer.batches == [10, 10]
-
-
 async def test_a_slow_kafka_offset_commit_never_holds_up_the_next_batch() -> None:
     settings = Settings(
         users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5
