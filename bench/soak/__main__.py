@@ -40,6 +40,13 @@ def _positive(value: str) -> float:
     return number
 
 
+def _not_negative(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return number
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -50,6 +57,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_positive,
         default=None,
         help="each process's warm-up before its RSS is a baseline (5, or a sixth of a shorter run)",
+    )
+    add(
+        "--burst-seconds",
+        type=_not_negative,
+        default=60.0,
+        help="events of this many seconds sent at once at the start, so that each replica's "
+        "warm-up includes full-size batches (60; 0: none)",
     )
     add("--sample-seconds", type=_positive, default=5.0, help="sampling period (5)")
     add("--no-faults", dest="faults", action="store_false", help="steady load only")
@@ -99,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate=args.rate,
         minutes=args.minutes,
         warmup_minutes=warmup,
+        burst_seconds=args.burst_seconds,
         sample_seconds=args.sample_seconds,
         faults=args.faults,
         seed=args.seed,

@@ -113,9 +113,11 @@ async def produce_steadily(
     rate: float,
     commits: CommitClock,
     downstream: DownstreamClock,
+    burst: int = 0,
 ) -> Sending:
-    """Send `total` events from `events` (which must then be exhausted) at `rate` per
-    second, noting each one's time against its offset and its downstream id."""
+    """Send `total` events from `events` (which must then be exhausted): the first `burst`
+    at once, the rest at `rate` per second, noting each one's time against its offset and
+    its downstream id."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1)
     sending = Sending()
 
@@ -136,12 +138,12 @@ async def produce_steadily(
         index = 0
         while index < total:
             now = time.monotonic()
-            due = min(total, int((now - started) * rate) + 1)
+            due = min(total, burst + int((now - started) * rate) + 1)
             open_batches: dict[Partition, tuple[Any, list[float]]] = {}
             while index < due:
                 event = next(events)
                 where = (topics.of(event.entity), event.partition)
-                at = max(started + index / rate, now - TICK_S)
+                at = max(started + max(0, index - burst) / rate, now - TICK_S)
                 batch, times = open_batches.get(where) or (producer.create_batch(), [])
                 if batch.append(key=event.key, value=event.value, timestamp=None) is None:
                     await _send(producer, where, batch, acked(where, times))

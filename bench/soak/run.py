@@ -60,6 +60,8 @@ class Options:
     rate: float
     minutes: float
     warmup_minutes: float
+    burst_seconds: float
+    """Events of this many seconds at `rate` are sent at once when the sending starts."""
     sample_seconds: float
     faults: bool
     seed: int
@@ -132,7 +134,8 @@ async def soak(options: Options, command: str) -> dict[str, Any]:
 async def _soak(options: Options, run: Run, logs: Path) -> dict[str, Any]:
     settings = run.settings
     engine = create_async_engine(settings.database_url, pool_size=3)
-    total = round(options.rate * options.minutes * 60.0)
+    burst = round(options.rate * options.burst_seconds)
+    total = burst + round(options.rate * options.minutes * 60.0)
     traffic = Traffic(options.seed, bad_rate=BAD_RATE, partitions=PARTITIONS)
     commit_window, downstream_window = summary.Window(), summary.Window()
     commits, downstream = CommitClock(commit_window), DownstreamClock(downstream_window)
@@ -149,7 +152,10 @@ async def _soak(options: Options, run: Run, logs: Path) -> dict[str, Any]:
         await tail.start()
         await watcher.start()
         origin = state.origin = time.monotonic()
-        say(f"soak: sending {total:,} events at {options.rate:,.0f}/s for {options.minutes:g} min")
+        say(
+            f"soak: sending {burst:,} events at once, then {total - burst:,} at "
+            f"{options.rate:,.0f}/s for {options.minutes:g} min"
+        )
         tasks = [
             asyncio.create_task(_follow_commits(engine, settings.group_id, commits, state)),
             asyncio.create_task(_follow_downstream(watcher, downstream)),
@@ -179,6 +185,7 @@ async def _soak(options: Options, run: Run, logs: Path) -> dict[str, Any]:
             options.rate,
             commits,
             downstream,
+            burst,
         )
         say(f"soak: sent {state.sending.sent:,} in {state.sending.seconds:.0f} s; draining")
         drained_s = await _drain(engine, run, tail, total, origin, state)
@@ -359,6 +366,7 @@ def _results(
             "rate": options.rate,
             "minutes": options.minutes,
             "warmup_minutes": options.warmup_minutes,
+            "burst_seconds": options.burst_seconds,
             "sample_seconds": options.sample_seconds,
             "faults": options.faults,
             "fault_schedule": [list(f) for f in SCHEDULE] if options.faults else [],
@@ -372,7 +380,15 @@ def _results(
             "sent": sending.sent,
             "failed": sending.failed,
             "seconds": round(sending.seconds, 1),
-            "achieved_rate": round(sending.sent / sending.seconds, 1) if sending.seconds else None,
+            "burst": round(options.rate * options.burst_seconds),
+            "achieved_rate": (
+                round(
+                    (sending.sent - round(options.rate * options.burst_seconds)) / sending.seconds,
+                    1,
+                )
+                if sending.seconds
+                else None
+            ),
         },
         "drained_after_last_send_seconds": None if drained_s is None else round(drained_s, 1),
         "downstream_events": published,
