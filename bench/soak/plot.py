@@ -70,10 +70,11 @@ def plot(record: Mapping[str, Any], path: Path) -> Path:
             textcoords="offset points",
             fontsize=7,
         )
-    s = record["settings"]
+    s, machine = record["settings"], record["machine"]
     figure.suptitle(
         f"soak: {s['rate']:,.0f} events/s for {s['minutes']:g} min, "
-        f"RSS after warm-up: {record['verdicts']['rss']} (loaded, shared machine)",
+        f"RSS after warm-up: {record['verdicts']['rss']} ({machine['logical_cpus']} CPUs, "
+        f"load average {machine['load_average'][0]:g} at the end)",
         fontsize=10,
     )
     figure.tight_layout()

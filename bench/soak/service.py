@@ -73,9 +73,10 @@ class Replica:
         if self.process is None or self.process.poll() is not None:
             return None
         try:
-            return float(psutil.Process(self.process.pid).memory_info().rss) / (1 << 20)
+            rss = psutil.Process(self.process.pid).memory_info().rss
         except psutil.Error:
             return None
+        return float(rss) / (1 << 20) if rss else None  # 0: killed, not yet reaped
 
     def stop(self, timeout_s: float = 60.0) -> int | None:
         """SIGTERM (after SIGCONT, should a fault have left it stopped), SIGKILL if it hangs."""

@@ -106,11 +106,12 @@ def growth(process: str, series: Sequence[tuple[float, float]], warmup_s: float)
 
 
 def processes(samples: Iterable[Mapping[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    """Each process's RSS series, keyed `role#pid` (a restart is another process)."""
+    """Each process's RSS series, keyed `role#pid` (a restart is another process); a
+    sample of 0 MB (a process killed and not yet reaped) is none."""
     series: dict[str, list[tuple[float, float]]] = {}
     for sample in samples:
         for role, seen in sample["processes"].items():
-            if seen.get("rss_mb") is not None:
+            if seen.get("rss_mb"):
                 key = f"{role}#{seen['pid']}"
                 series.setdefault(key, []).append((sample["t"], seen["rss_mb"]))
     return series

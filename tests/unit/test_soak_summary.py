@@ -70,7 +70,8 @@ def test_a_restart_is_another_process_with_its_own_warm_up() -> None:
     def sample(t: float, pid: int, mb: float) -> dict[str, object]:
         return {"t": t, "processes": {"consume-1": {"pid": pid, "rss_mb": mb}}}
 
-    samples = [sample(0.0, 7, 90.0), sample(5.0, 7, 95.0), sample(10.0, 8, 40.0)]
+    samples = [sample(0.0, 7, 90.0), sample(5.0, 7, 95.0), sample(7.0, 7, 0.0)]
+    samples.append(sample(10.0, 8, 40.0))
     samples.append({"t": 15.0, "processes": {"consume-1": {"pid": 8, "rss_mb": None}}})
     assert processes(samples) == {
         "consume-1#7": [(0.0, 90.0), (5.0, 95.0)],
