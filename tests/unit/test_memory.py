@@ -46,20 +46,18 @@ def test_a_trim_returns_the_free_pages_inside_the_heap() -> None:
 
 def test_the_trimming_loop_trims_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
+    stop = asyncio.Event()
 
     def counting() -> bool:
         calls.append(1)
+        if len(calls) == 3:
+            stop.set()
         return False
 
     monkeypatch.setattr(memory, "heap_trimmer", lambda: counting)
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.create_task(memory.trim_heap(stop, every_s=0.01))
-        while len(calls) < 3:
-            await asyncio.sleep(0.01)
-        stop.set()
-        await asyncio.wait_for(loop, timeout=1.0)
+        await asyncio.wait_for(memory.trim_heap(stop, every_s=0.01), timeout=5.0)
 
     asyncio.run(scenario())
     assert len(calls) >= 3
