@@ -165,7 +165,7 @@ def _payload_and_columns(value: bytes, max_depth: int) -> tuple[Any, Columns]:
         except orjson.JSONDecodeError:
             pass  # not the converter's shape after all: read it whole below
         else:
-            if 1 + max(schema_depth, _depth(split[1], max_depth)) > max_depth:
+            if 1 + schema_depth > max_depth or _deeper_than(split[1], max_depth - 1):
                 raise _too_deep("value", max_depth)
             return payload, columns
     schema, payload = _unwrap(_parse(value, "value", max_depth))
@@ -209,7 +209,7 @@ def _parse(raw: bytes, what: str, max_depth: int) -> Any:
     except orjson.JSONDecodeError as exc:
         kind: DeadLetterKind = "not_json" if what == "value" else "bad_key"
         raise InvalidMessage(kind, f"{what} is not UTF-8 JSON: {exc}") from None
-    if _depth(raw, max_depth) > max_depth:
+    if _deeper_than(raw, max_depth):
         raise _too_deep(what, max_depth)
     return document
 
@@ -220,6 +220,16 @@ def _too_deep(what: str, max_depth: int) -> InvalidMessage:
 
 _SHAPE = bytes.maketrans(b"[]", b"{}")  # depth does not care which kind of container
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
+
+
+def _deeper_than(raw: bytes, most: int) -> bool:
+    """Whether the JSON text `raw` (well formed) nests containers deeper than `most`
+    levels. Its opening brackets, strings' included, bound its depth: a change event has
+    a handful, so the scan below is only run on what could be too deep (~4 µs an event
+    saved, `python -m bench.debezium`)."""
+    if raw.count(b"{") + raw.count(b"[") <= most:
+        return False
+    return _depth(raw, most) > most
 
 
 def _depth(raw: bytes, most: int) -> int:

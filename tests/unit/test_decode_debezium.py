@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from sync_service.config import Settings, unknown_variables
 from sync_service.events.change import Change, DeadLetter, Entity, Skipped, Source
 from sync_service.events.debezium import DebeziumEncoder, DecimalMode, Op, unscaled
+from sync_service.pipeline import decode_debezium
 from sync_service.pipeline.decode import (
     Limits,
     change_from_envelope,
@@ -349,6 +350,28 @@ def test_a_schema_wrapped_value_fits_the_default_caps() -> None:
     assert letter.kind == "too_deep"
 
 
+def test_a_payload_nesting_too_deep_is_too_deep_whether_its_schema_was_seen_or_not() -> None:
+    settings = Settings()
+    limits = Limits(settings.max_message_bytes, settings.max_json_depth, 65_536, 1024)
+    encoder = DebeziumEncoder()
+    key, value = encoder.encode(user_event(11, 1), lsn=LSN, tx_id=1)
+    deep = value.replace(b'"after":{', b'"after":{"extra":' + b"[" * 9 + b"1" + b"]" * 9 + b",")
+    braces = value.replace(b'"after":{', b'"after":{"extra":"' + b"{[" * 20 + b'",')
+    decode_debezium._KNOWN_SCHEMAS.clear()
+    for seen in (False, True):  # the first decode of a schema parses it whole, later ones not
+        if seen:
+            decode(entity="user", topic="t", partition=0, offset=0, key=key, value=value,
+                   limits=limits)  # fmt: skip
+        letter = decode(entity="user", topic="t", partition=0, offset=1, key=key, value=deep,
+                        limits=limits)  # fmt: skip
+        assert isinstance(letter, DeadLetter), letter
+        assert letter.kind == "too_deep"
+        # Brackets inside a string are no nesting.
+        kept = decode(entity="user", topic="t", partition=0, offset=2, key=key, value=braces,
+                      limits=limits)  # fmt: skip
+        assert isinstance(kept, Change), kept
+
+
 def test_a_change_stored_while_it_waits_comes_back_the_same() -> None:
     got = change("order", DebeziumEncoder().encode(order_event(8, 7, 1), lsn=LSN, tx_id=1))
     stored = orjson.loads(orjson.dumps(envelope_document(got)))
@@ -457,7 +480,6 @@ def test_a_key_with_a_richer_schema_is_read_within_the_depth_cap() -> None:
 def test_a_known_schema_decodes_as_a_new_one_does() -> None:
     """Values whose schema's bytes were seen before have only their payload parsed; the
     outcome is the same as reading them whole."""
-    from sync_service.pipeline import decode_debezium
 
     encoder = DebeziumEncoder()
     records = [
