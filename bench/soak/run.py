@@ -62,6 +62,11 @@ class Options:
     warmup_minutes: float
     burst_seconds: float
     """Events of this many seconds at `rate` are sent at once when the sending starts."""
+
+    @property
+    def burst(self) -> int:
+        return round(self.rate * self.burst_seconds)
+
     sample_seconds: float
     faults: bool
     seed: int
@@ -134,7 +139,7 @@ async def soak(options: Options, command: str) -> dict[str, Any]:
 async def _soak(options: Options, run: Run, logs: Path) -> dict[str, Any]:
     settings = run.settings
     engine = create_async_engine(settings.database_url, pool_size=3)
-    burst = round(options.rate * options.burst_seconds)
+    burst = options.burst
     total = burst + round(options.rate * options.minutes * 60.0)
     traffic = Traffic(options.seed, bad_rate=BAD_RATE, partitions=PARTITIONS)
     commit_window, downstream_window = summary.Window(), summary.Window()
@@ -380,12 +385,9 @@ def _results(
             "sent": sending.sent,
             "failed": sending.failed,
             "seconds": round(sending.seconds, 1),
-            "burst": round(options.rate * options.burst_seconds),
+            "burst": options.burst,
             "achieved_rate": (
-                round(
-                    (sending.sent - round(options.rate * options.burst_seconds)) / sending.seconds,
-                    1,
-                )
+                round((sending.sent - options.burst) / sending.seconds, 1)
                 if sending.seconds
                 else None
             ),
