@@ -59,9 +59,11 @@ def heap_trimmer() -> Callable[[], bool] | None:
 
 async def trim_heap(stop: asyncio.Event, every_s: float = TRIM_EVERY_S) -> None:
     """Until `stop` is set, hand the C heap's free pages back to the system every
-    `every_s` seconds."""
+    `every_s` seconds. Without a trim it only waits: a part of the service that ends
+    stops the others."""
     trim = heap_trimmer()
     if trim is None:
+        await stop.wait()
         return
     while True:
         with contextlib.suppress(TimeoutError):

@@ -63,6 +63,16 @@ def test_the_trimming_loop_trims_until_stopped(monkeypatch: pytest.MonkeyPatch) 
     assert len(calls) >= 3
 
 
-def test_without_a_trim_the_loop_ends_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_trim_the_loop_waits_for_the_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A part of the service that returns stops the service: it must not return early.
     monkeypatch.setattr(memory, "heap_trimmer", lambda: None)
-    asyncio.run(asyncio.wait_for(memory.trim_heap(asyncio.Event(), every_s=0.01), timeout=1.0))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.create_task(memory.trim_heap(stop, every_s=0.01))
+        done, _ = await asyncio.wait([loop], timeout=0.2)
+        assert not done
+        stop.set()
+        await asyncio.wait_for(loop, timeout=1.0)
+
+    asyncio.run(scenario())
