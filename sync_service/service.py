@@ -17,6 +17,7 @@ from sync_service.config import Settings
 from sync_service.connections import kafka, postgres
 from sync_service.db.engine import make_engine, make_sessionmaker
 from sync_service.db.schema import SchemaNotAtHead, current_revision, head_revision, require_head
+from sync_service.db.stalls import watch_stalls
 from sync_service.errors import UserError
 from sync_service.kafka import require_topics
 from sync_service.memory import trim_heap
@@ -119,7 +120,11 @@ async def serve(
                 "http_port": settings.http_port,
             },
         )
-        parts: list[Coroutine[Any, Any, None]] = [_gauges(engine, stop), trim_heap(stop)]
+        parts: list[Coroutine[Any, Any, None]] = [
+            _gauges(engine, stop),
+            trim_heap(stop),
+            watch_stalls(engine, settings.idle_in_transaction_timeout_ms, stop),
+        ]
         if consumer is not None:
             parts.append(consumer.run(stop))
         if relay_part is not None:

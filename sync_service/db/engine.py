@@ -24,7 +24,12 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def make_engine(settings: Settings, *, application_name: str = "sync-service") -> AsyncEngine:
+APPLICATION_NAME = "sync-service"
+"""How the service's connections name themselves in `pg_stat_activity` (followed by
+`/<SYNC_INSTANCE_ID>` where one is set)."""
+
+
+def make_engine(settings: Settings, *, application_name: str = APPLICATION_NAME) -> AsyncEngine:
     """An engine whose pool is sized and recycled as the settings say, and whose every
     connection (the relay's LISTEN one too) uses the TLS the settings say. Its connections
     name the replica (`sync-service/<SYNC_INSTANCE_ID>`) in `pg_stat_activity`."""

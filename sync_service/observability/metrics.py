@@ -52,6 +52,12 @@ GUARD_TRIPS = Counter(
     ["topic"],
 )
 
+STALLED_ENDED = Counter(
+    "sync_stalled_transactions_ended_total",
+    "Transactions of stalled service processes ended by this one (stopped inside a"
+    " statement, where PostgreSQL's idle timeout does not reach).",
+)
+
 OUTBOX_BACKLOG = Gauge("sync_outbox_backlog", "Outbox rows not yet published.")
 OUTBOX_OLDEST_AGE = Gauge(
     "sync_outbox_oldest_age_seconds", "Age of the oldest outbox row not yet published."

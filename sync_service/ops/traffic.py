@@ -177,10 +177,15 @@ def _sql_text(column: Any) -> ColumnElement[Any]:
     return func.coalesce(text_value, NULL)
 
 
+def _line(entity: Entity) -> ColumnElement[Any]:
+    """A row's `canonical_row`, computed by PostgreSQL."""
+    table = _TABLES[entity]
+    return func.concat_ws("|", *(_sql_text(table.c[name]) for name in COLUMNS[entity]))
+
+
 def _checksum_query(entity: Entity, ids: tuple[int, int] | None) -> Any:
     table = _TABLES[entity]
-    line = func.concat_ws("|", *(_sql_text(table.c[name]) for name in COLUMNS[entity]))
-    joined = func.string_agg(line, aggregate_order_by(literal("\n"), table.c.id))
+    joined = func.string_agg(_line(entity), aggregate_order_by(literal("\n"), table.c.id))
     query = select(func.md5(func.coalesce(joined, "")))
     if ids is not None:
         query = query.where(table.c.id.between(*ids))
@@ -194,6 +199,18 @@ async def table_checksum(engine: AsyncEngine, ids: tuple[int, int] | None = None
         users = (await connection.execute(_checksum_query("user", ids))).scalar()
         orders = (await connection.execute(_checksum_query("order", ids))).scalar()
     return _combine(str(users), str(orders))
+
+
+async def table_rows(engine: AsyncEngine, ids: tuple[int, int]) -> dict[Entity, tuple[str, ...]]:
+    """The canonical rows of `users` and `orders` with ids within `ids`, in id order: what
+    `table_checksum` sums, for saying which rows differ when it does not match."""
+    rows: dict[Entity, tuple[str, ...]] = {}
+    async with engine.connect() as connection:
+        for entity in ("user", "order"):
+            id_ = _TABLES[entity].c.id
+            query = select(_line(entity)).where(id_.between(*ids)).order_by(id_)
+            rows[entity] = tuple((await connection.execute(query)).scalars())
+    return rows
 
 
 def checksum_of(users: Iterable[str], orders: Iterable[str]) -> str:

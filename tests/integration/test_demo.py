@@ -19,7 +19,7 @@ from sync_service.config import Settings
 from sync_service.db.models import Order, User
 from sync_service.kafka import require_topics
 from sync_service.ops.demo import run_demo
-from sync_service.ops.traffic import canonical_row, checksum_of, table_checksum
+from sync_service.ops.traffic import canonical_row, checksum_of, table_checksum, table_rows
 from tests.integration.harness import scalar
 
 SEED = 9
@@ -134,6 +134,10 @@ async def test_the_checksum_of_the_tables_agrees_with_canonical_rows(engine: Asy
         [canonical_row("order", orders[0])],
     )
     assert await table_checksum(engine, (2, 5)) != expected
+    assert await table_rows(engine, (2, 5)) == {
+        "user": (canonical_row("user", users[1]), canonical_row("user", tombstone)),
+        "order": (canonical_row("order", orders[0]),),
+    }
 
 
 async def test_the_demo_in_debezium_format_ends_in_the_expected_state(

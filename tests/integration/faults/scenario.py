@@ -2,10 +2,11 @@
 of every outbox row that ever committed (a trigger: the relay prunes the outbox itself),
 the downstream topics read back read_committed, and the final checks.
 
-The final checks are the same in every scenario: the tables equal the generator's
-expected state, every stored position equals its partition's end offset, nothing waits
-and nothing was dead-lettered, and the downstream topics hold exactly one event per
-committed outbox row (so one per applied change), in version order per aggregate.
+The final checks are the same in every scenario, made once nothing waits any more: the
+tables equal the generator's expected state, every stored position equals its
+partition's end offset, nothing was dead-lettered, and the downstream topics hold
+exactly one event per committed outbox row (so one per applied change), in version
+order per aggregate.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bench.fleet import Sampler, Stream, wait_for
 from sync_service.config import Settings
+from sync_service.events.change import Entity
 from sync_service.kafka import ensure_topics
 from sync_service.ops.offsets import offset_reader, partition_bounds
-from sync_service.ops.traffic import Traffic, table_checksum
+from sync_service.ops.traffic import ExpectedState, Traffic, table_checksum, table_rows
 from tests.integration.relay_helpers import (
     Downstream,
     assert_version_order,
@@ -85,6 +87,11 @@ async def assert_final(
     """The checks of every scenario (see the module's docstring)."""
     expected = flow.traffic.expected()
     partitions = sorted(flow.sent)
+    # First, settle: a change still waiting when the last position was stored is settled
+    # by the next sweep of its partition's owner (every `pending_retry_ms`), not at once,
+    # applied (with its outbox row) if what it waited for was written meanwhile, else
+    # dropped as overtaken. Read before that, the tables and the outbox log could lag.
+    await wait_for(lambda: _none_waiting(engine), 30, "no change left waiting")
     async with offset_reader(settings) as reader:
         bounds = await partition_bounds(reader, partitions)
     async with engine.connect() as connection:
@@ -97,7 +104,6 @@ async def assert_final(
                 {"g": settings.group_id},
             )
         }
-        waiting = (await connection.execute(text("SELECT count(*) FROM pending_changes"))).scalar()
         dead = (await connection.execute(text("SELECT count(*) FROM dead_letters"))).scalar()
         logged = [
             (str(e), str(t), str(i), int(v))
@@ -109,15 +115,9 @@ async def assert_final(
         ]
     assert stored == {tp: bounds[tp].end for tp in partitions}, "positions != end offsets"
     assert stored == flow.sent, "positions != records produced"
-    assert await table_checksum(engine, expected.id_range) == expected.checksum()
-    if waiting:
-        # A waiting change that the stored row overtook is dropped by the next sweep of
-        # its partition's owner (every `pending_retry_ms`), not at once: give it that.
-        await wait_for(lambda: _none_waiting(engine), 30, "no change left waiting")
-        waiting = 0
-    assert (waiting, dead) == (0, expected.dead_letters), (
-        f"{waiting} changes still waiting, {dead} dead letters ({expected.dead_letters} expected)"
-    )
+    assert dead == expected.dead_letters, f"{dead} dead letters ({expected.dead_letters} expected)"
+    if await table_checksum(engine, expected.id_range) != expected.checksum():
+        raise AssertionError(f"tables != expected state:\n{await _differences(engine, expected)}")
 
     # Applied once each: no (aggregate, version) twice in the outbox, within the bounds.
     versions = Counter((t, i, v) for _, t, i, v in logged)
@@ -129,7 +129,15 @@ async def assert_final(
     published = await downstream.drain()
     seen = Counter(p.event_id for p in published)
     assert not [e for e, n in seen.items() if n > 1], "an event was published twice"
-    assert set(seen) == {e for e, *_ in logged}, "downstream != committed outbox rows"
+    committed = {e: (t, i, v) for e, t, i, v in logged}
+    extra = [(p.topic, p.partition, p.offset, p.key, p.value["version"])
+             for p in published if p.event_id not in committed]  # fmt: skip
+    missing = [committed[e] for e in committed.keys() - seen.keys()]
+    if extra or missing:
+        raise AssertionError(
+            f"downstream != committed outbox rows: {len(extra)} not committed {extra[:5]},"
+            f" {len(missing)} not published {sorted(missing)[:5]}"
+        )
     assert_version_order(published)
     return Verdict(len(published), (expected.applied_at_least, expected.applied_at_most))
 
@@ -141,3 +149,49 @@ async def _none_waiting(engine: AsyncEngine) -> bool:
 
 async def _arrived(downstream: Downstream, count: int) -> bool:
     return len(downstream.records) >= count
+
+
+async def _differences(engine: AsyncEngine, expected: ExpectedState, at_most: int = 10) -> str:
+    """The rows that differ from `expected` (expected, then stored; `-` for no row), with
+    what waits and what the outbox logged for each: what a failed checksum needs to be
+    explained."""
+    stored = await table_rows(engine, expected.id_range)
+    lines: list[str] = []
+    pairs: tuple[tuple[Entity, tuple[str, ...]], ...] = (
+        ("user", expected.users),
+        ("order", expected.orders),
+    )
+    for entity, want in pairs:
+        wanted = {row.split("|", 1)[0]: row for row in want}
+        have = {row.split("|", 1)[0]: row for row in stored[entity]}
+        for id_ in sorted(wanted.keys() | have.keys(), key=int):
+            if wanted.get(id_) == have.get(id_):
+                continue
+            if len(lines) >= at_most:
+                return "\n".join([*lines, "..."])
+            async with engine.connect() as connection:
+                waits = (
+                    await connection.execute(
+                        text(
+                            'SELECT version, topic, partition, "offset", reason, blocked_by'
+                            " FROM pending_changes WHERE entity = :e AND entity_id = :i"
+                        ),
+                        {"e": entity, "i": int(id_)},
+                    )
+                ).all()
+                logged = (
+                    await connection.execute(
+                        text(
+                            "SELECT version FROM faults_outbox_log"
+                            " WHERE aggregate_type = :e AND aggregate_id = :i ORDER BY version"
+                        ),
+                        {"e": entity, "i": id_},
+                    )
+                ).scalars()
+                versions = list(logged)
+            lines += [
+                f"{entity} {id_}: expected {wanted.get(id_, '-')}",
+                f"{' ' * len(entity)} {id_}: stored   {have.get(id_, '-')}",
+                f"  waiting {[tuple(w) for w in waits]}, outbox versions {versions}",
+            ]
+    return "\n".join(lines)

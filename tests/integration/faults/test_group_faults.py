@@ -28,7 +28,7 @@ from tests.integration.faults.scenario import assert_final, create_all_topics, d
 from tests.integration.relay_helpers import Downstream
 
 PAUSE_S = 15.0
-"""Past the session timeout (10 s) and the idle-in-transaction timeout (5 s)."""
+"""At least: past the session timeout (10 s) and the idle-in-transaction timeout (5 s)."""
 OTHERS_MAY_STOP_S = 8.0
 """The longest the other replicas' partitions may stand still meanwhile (0.4 s measured
 by bench.groups on a loaded machine; 18 s before the idle and lock timeouts)."""
@@ -59,6 +59,10 @@ async def test_rebalance_storm_with_a_paused_replica(
             await pause_mid_batch(logged, paused.pid)
             paused_at = time.monotonic()
             await asyncio.sleep(PAUSE_S)
+            # It wakes behind a new owner: only once another replica wrote to its partitions.
+            await wait_for(
+                lambda: _taken_over(sampler, owned, paused_at), 60, "its partitions taken over"
+            )
             paused.signal(signal.SIGCONT)
             others = set(flow.sent) - owned
             others_stop = sampler.longest_stop(paused_at, time.monotonic(), others)
@@ -80,6 +84,10 @@ async def test_rebalance_storm_with_a_paused_replica(
         # moved: it was fenced and re-read them.
         assert "positions moved under this consumer" in paused.log.read_text()
         await assert_final(logged, settings, flow, downstream)
+
+
+async def _taken_over(sampler: Sampler, partitions: set[tuple[str, int]], since: float) -> bool:
+    return any(at > since for at in sampler.advances(partitions))
 
 
 @pytest.mark.slow

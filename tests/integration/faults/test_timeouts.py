@@ -1,10 +1,13 @@
-"""The service's connections carry a lock timeout and an idle-in-transaction timeout, and
-what each ends is a transient failure (retried), never a dead letter or a crash."""
+"""The service's connections carry a lock timeout and an idle-in-transaction timeout, every
+serving process ends a stalled one's transaction where those cannot, and what each ends
+is a transient failure (retried), never a dead letter or a crash."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -12,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.config import Settings
 from sync_service.db.engine import make_engine, make_sessionmaker
+from sync_service.db.stalls import end_stalled
 from sync_service.pipeline.batch import Batch
 from sync_service.pipeline.write import BatchWriter
 from sync_service.retry import is_transient
@@ -63,4 +67,50 @@ async def test_a_transaction_left_idle_is_ended_and_its_error_is_transient(
                 await connection.execute(text("SELECT 1"))
             assert is_transient(caught.value), caught.value
     finally:
+        await service.dispose()
+
+
+async def test_a_process_stalled_inside_a_statement_is_ended_and_its_locks_freed(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """Stopped in the middle of a COPY, a batch is active, not idle: neither of the
+    server's timeouts ends it. `end_stalled` does, once it has waited long enough."""
+    own = settings.model_copy(update={"instance_id": "faults-stalled"})
+    service = make_engine(own)
+    release = asyncio.Event()
+
+    async def rows() -> AsyncIterator[tuple[int]]:
+        yield (1,)
+        await release.wait()  # the process stops here, its COPY half sent
+        yield (2,)
+
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)"
+                 " VALUES (:g, 'stalled', 0, 5)"),
+            {"g": own.group_id},
+        )  # fmt: skip
+    locked = text(
+        "SELECT next_offset FROM consumer_offsets WHERE group_id = :g AND topic = 'stalled'"
+        " FOR UPDATE NOWAIT"
+    ).bindparams(g=own.group_id)
+    try:
+        async with service.connect() as stalled:
+            await stalled.execute(text("CREATE TEMP TABLE copied (n int)"))
+            await stalled.execute(locked)  # the positions' fence
+            driver = (await stalled.get_raw_connection()).driver_connection
+            assert driver is not None
+            copying = asyncio.create_task(driver.copy_records_to_table("copied", records=rows()))
+            await asyncio.sleep(0.5)
+            assert await end_stalled(engine, after_s=30) == 0, "ended before its time"
+            assert await end_stalled(engine, after_s=0.2) == 1
+            async with engine.begin() as other:  # the lock is free at once
+                assert await other.scalar(locked) == 5
+            release.set()
+            with pytest.raises(asyncpg.ConnectionDoesNotExistError) as caught:
+                await copying
+            assert is_transient(caught.value), caught.value
+            await stalled.invalidate()
+    finally:
+        release.set()
         await service.dispose()
