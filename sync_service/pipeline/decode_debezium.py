@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -37,6 +38,16 @@ MAX_KEY_BYTES = 4096
 
 _EVENT_IDS = uuid.UUID("6c1b2f60-8b0e-5d43-9a54-4f1f6a3d2e10")
 """The namespace of the event ids derived from a change's source position."""
+_EVENT_IDS_SHA1 = hashlib.sha1(_EVENT_IDS.bytes, usedforsecurity=False)
+
+
+def _event_id(name: str) -> uuid.UUID:
+    """`uuid.uuid5(_EVENT_IDS, name)`, without hashing the namespace again (once per
+    change: half of uuid5's cost)."""
+    sha = _EVENT_IDS_SHA1.copy()
+    sha.update(name.encode())
+    return uuid.UUID(bytes=sha.digest()[:16], version=5)
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_UNITS = {
@@ -79,7 +90,7 @@ def _decode(
         raise InvalidMessage(
             "oversized", f"value is {len(value)} bytes, over the {limits.max_bytes}-byte limit"
         )
-    payload, columns = _payload_and_columns(value, limits.max_depth)
+    payload, columns = _payload_and_columns(value, limits.max_depth, entity)
     if payload is None:
         return Skipped(source, "tombstone")  # a tombstone written with its (null) schema
     if not isinstance(payload, dict) or "op" not in payload:
@@ -118,10 +129,9 @@ def _decode(
         data = _row(entity, after, columns)
         entity_id = data.get("id")
     _check_key(key, entity_id, limits.max_depth)
-    event_id = uuid.uuid5(
-        _EVENT_IDS,
+    event_id = _event_id(
         f"{origin.get('db')}/{origin.get('schema')}.{origin.get('table')}/{entity_id}/{op}"
-        f"/{origin.get('txId')}/{origin.get('lsn')}",
+        f"/{origin.get('txId')}/{origin.get('lsn')}"
     )
     envelope = {
         "event_id": event_id,
@@ -154,35 +164,47 @@ def _decode(
     )
 
 
-def _payload_and_columns(value: bytes, max_depth: int) -> tuple[Any, Columns]:
+def _payload_and_columns(value: bytes, max_depth: int, entity: Entity) -> tuple[Any, Columns]:
     """The payload of `value` and the schemas of `after`'s columns (none without schemas).
-    A value whose schema's bytes were seen before has only its payload parsed."""
-    split = _split(value)
-    if split is not None and (known := _KNOWN_SCHEMAS.get(split[0])) is not None:
-        schema_depth, columns = known
-        try:
-            payload = orjson.loads(split[1])
-        except orjson.JSONDecodeError:
-            pass  # not the converter's shape after all: read it whole below
-        else:
-            if 1 + schema_depth > max_depth or _deeper_than(split[1], max_depth - 1):
+    A value that starts with a schema seen before for `entity` has only its payload
+    parsed: its schema's bytes are compared in place (not copied, not hashed)."""
+    if value.startswith(b'{"schema":') and value.endswith(b"}"):
+        for raw, schema_depth, columns in _KNOWN_SCHEMAS.get(entity, ()):
+            end = 10 + len(raw)
+            if not (value.startswith(raw, 10) and value.startswith(b',"payload":', end)):
+                continue
+            payload_bytes = value[end + 11 : -1]
+            try:
+                payload = orjson.loads(payload_bytes)
+            except orjson.JSONDecodeError:
+                break  # not the converter's shape after all: read it whole below
+            if 1 + schema_depth > max_depth or _deeper_than(payload_bytes, max_depth - 1):
                 raise _too_deep("value", max_depth)
             return payload, columns
     schema, payload = _unwrap(_parse(value, "value", max_depth))
     columns = _row_schema(schema, "after")
+    split = _split(value)
     if split is not None and schema is not None and _same(split[0], schema):
-        if len(_KNOWN_SCHEMAS) >= MAX_KNOWN_SCHEMAS:
-            _KNOWN_SCHEMAS.clear()
-        _KNOWN_SCHEMAS[split[0]] = (_depth(split[0], max_depth), columns)
+        _remember(entity, split[0], _depth(split[0], max_depth), columns)
     return payload, columns
 
 
 Columns = dict[str, dict[str, Any]]
-_KNOWN_SCHEMAS: dict[bytes, tuple[int, Columns]] = {}
-"""Value schemas seen before, by their exact bytes, with their depth and `after`'s columns:
-the JSON converter writes the same schema bytes for every change of a table, so a schema
-is parsed and measured once, not with every change (it is ~3 KB of a ~3.5 KB value)."""
-MAX_KNOWN_SCHEMAS = 256
+_KNOWN_SCHEMAS: dict[Entity, list[tuple[bytes, int, Columns]]] = {}
+"""Value schemas seen before, by entity, newest first: their exact bytes, their depth and
+`after`'s columns. The JSON converter writes the same schema bytes for every change of a
+table, so a schema is parsed and measured once, not with every change (it is ~3 KB of a
+~3.5 KB value). Such bytes are a whole JSON value without `,"payload":` in them, so a
+value that starts with them and that text holds the payload in the rest."""
+MAX_KNOWN_SCHEMAS = 8
+"""Per entity: a table's schema changes only with its columns."""
+
+
+def _remember(entity: Entity, raw: bytes, depth: int, columns: Columns) -> None:
+    known = [k for k in _KNOWN_SCHEMAS.get(entity, ()) if k[0] != raw]
+    known.insert(0, (raw, depth, columns))
+    _KNOWN_SCHEMAS[entity] = known
+    del known[MAX_KNOWN_SCHEMAS:]
 
 
 def _split(value: bytes) -> tuple[bytes, bytes] | None:

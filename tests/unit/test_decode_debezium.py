@@ -8,6 +8,7 @@ key that disagrees with the row, a truncate, a logical message and another conne
 from __future__ import annotations
 
 import base64
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -504,3 +505,8 @@ def test_a_known_schema_decodes_as_a_new_one_does() -> None:
         "DeadLetter",
         "Change",
     ]
+
+
+@pytest.mark.parametrize("name", ["", "db/public.users/42/c/7/123", "bäse/ünïcode/1/u/None/5"])
+def test_the_event_id_is_the_uuid5_of_the_change_position(name: str) -> None:
+    assert decode_debezium._event_id(name) == uuid.uuid5(decode_debezium._EVENT_IDS, name)
