@@ -183,9 +183,9 @@ def _payload_and_columns(value: bytes, max_depth: int, entity: Entity) -> tuple[
             return payload, columns
     schema, payload = _unwrap(_parse(value, "value", max_depth))
     columns = _row_schema(schema, "after")
-    split = _split(value)
-    if split is not None and schema is not None and _same(split[0], schema):
-        _remember(entity, split[0], _depth(split[0], max_depth), columns)
+    seen = _schema_bytes(value)
+    if seen is not None and schema is not None and _same(seen, schema):
+        _remember(entity, seen, _depth(seen, max_depth), columns)
     return payload, columns
 
 
@@ -207,14 +207,14 @@ def _remember(entity: Entity, raw: bytes, depth: int, columns: Columns) -> None:
     del known[MAX_KNOWN_SCHEMAS:]
 
 
-def _split(value: bytes) -> tuple[bytes, bytes] | None:
-    """The schema's and the payload's bytes of `{"schema":...,"payload":...}` as the JSON
-    converter writes it, or None. The schema's bytes are only trusted once they parsed to
-    the schema of a whole value (`_same`): then they end where `,"payload":` starts."""
+def _schema_bytes(value: bytes) -> bytes | None:
+    """The schema's bytes of `{"schema":...,"payload":...}` as the JSON converter writes
+    it, or None. They are only trusted once they parsed to the schema of a whole value
+    (`_same`): then they end where the first `,"payload":` starts."""
     if not value.startswith(b'{"schema":') or not value.endswith(b"}"):
         return None
     at = value.find(b',"payload":')
-    return None if at < 0 else (value[10:at], value[at + 11 : -1])
+    return None if at < 0 else value[10:at]
 
 
 def _same(raw: bytes, schema: dict[str, Any]) -> bool:
