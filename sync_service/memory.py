@@ -8,12 +8,13 @@ holds once the objects of a batch are gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import gc
 import logging
 import time
 from collections.abc import Callable
+
+from sync_service.retry import wait_any
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ async def trim_heap(stop: asyncio.Event, every_s: float = TRIM_EVERY_S) -> None:
         await stop.wait()
         return
     while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        await wait_any([stop], every_s)
         if stop.is_set():
             return
         started = time.perf_counter()

@@ -8,9 +8,10 @@ is a defect and propagates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import asyncpg
@@ -142,3 +143,16 @@ async def retrying(
                 outages.current()[on].recovered()
             backoff.reset()
             return result
+
+
+async def wait_any(events: Sequence[asyncio.Event], timeout_s: float) -> None:
+    """Return when one of `events` is set, or after `timeout_s`: the pause between two
+    rounds of a loop that a stop request must end at once."""
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*waits)

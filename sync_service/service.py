@@ -28,7 +28,7 @@ from sync_service.pipeline.consume import ChangeConsumer
 from sync_service.pipeline.guard import DeadLetterGuard, guard_check
 from sync_service.pipeline.write import BatchWriter
 from sync_service.relay.publish import require_downstream_topics
-from sync_service.retry import describe
+from sync_service.retry import describe, wait_any
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ async def _gauges(engine: AsyncEngine, stop: asyncio.Event, every_s: float = 5.0
             await refresh_gauges(engine)
         except Exception as error:  # gauges are best effort; the pipeline reports failures
             log.debug("gauges not refreshed: %s", describe(error))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        await wait_any([stop], every_s)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

@@ -19,7 +19,6 @@ its results read at once. Ending a backend needs the same role as the service's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from sqlalchemy import text
@@ -27,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sync_service.db.engine import APPLICATION_NAME
 from sync_service.observability import metrics
-from sync_service.retry import describe, is_transient
+from sync_service.retry import describe, is_transient, wait_any
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +53,17 @@ async def end_stalled(engine: AsyncEngine, after_s: float) -> int:
                 {"name": APPLICATION_NAME, "prefix": f"{APPLICATION_NAME}/%", "after_s": after_s},
             )
         ).all()
+    count = 0
     for pid, application, waited_s, ended in rows:
         if ended:
+            count += 1
             metrics.STALLED_ENDED.inc()
             log.warning(
                 "ended the transaction of a stalled process: it has not answered PostgreSQL"
                 " inside a statement for %.1f s", waited_s,
                 extra={"pid": pid, "application_name": application},
             )  # fmt: skip
-    return sum(1 for *_, ended in rows if ended)
+    return count
 
 
 async def watch_stalls(
@@ -78,6 +79,5 @@ async def watch_stalls(
                 log.warning("stalled transactions will not be ended: %s", describe(error))
                 break
             log.debug("stalled transactions not checked: %s", describe(error))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        await wait_any([stop], every_s)
     await stop.wait()

@@ -37,7 +37,7 @@ from sync_service.events.debezium import DebeziumEncoder
 from sync_service.kafka import ensure_topics
 from sync_service.observability import metrics
 from sync_service.ops.traffic import ExpectedState, Traffic, table_checksum
-from sync_service.retry import describe
+from sync_service.retry import describe, wait_any
 from sync_service.service import PartFactory, connect, serve
 
 PARTITIONS = 12
@@ -317,8 +317,7 @@ class _Session:
                 last_change = now
             elif produced_all and now - last_change > STALL_S:
                 return "stalled"
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), timeout=REFRESH_S)
+            await wait_any([self.stop], REFRESH_S)
 
     async def figures(self) -> Figures:
         run = self.run

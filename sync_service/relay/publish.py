@@ -8,7 +8,6 @@ read_committed consumer (the position commits or aborts with the events it cover
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -44,7 +43,7 @@ from sync_service.relay.position import (
     read_position,
 )
 from sync_service.relay.producer import make_producer, publish, stop_producer
-from sync_service.retry import Backoff, retrying
+from sync_service.retry import Backoff, retrying, wait_any
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +106,7 @@ class OutboxRelay:
             if not self._standing_by:
                 log.info("relay standing by: another replica publishes")
             self._standing_by = True
-            await _wait_any([stop], STANDBY_RETRY_S)
+            await wait_any([stop], STANDBY_RETRY_S)
             return
         self._standing_by = False
         metrics.RELAY_ACTIVE.set(1)
@@ -158,7 +157,7 @@ class OutboxRelay:
             if rows:
                 position = self._published = await self._publish(producer, rows)
             if len(rows) < chunk:
-                await _wait_any([wake, stop], self._settings.relay_poll_ms / 1000)
+                await wait_any([wake, stop], self._settings.relay_poll_ms / 1000)
 
     async def _publish(self, producer: AIOKafkaProducer, rows: Sequence[OutboxRecord]) -> Position:
         """Commit `rows` and the position after them to Kafka; return that position."""
@@ -207,7 +206,7 @@ class OutboxRelay:
                     count, age = await backlog(connection, self._published)
             metrics.OUTBOX_BACKLOG.set(count)
             metrics.OUTBOX_OLDEST_AGE.set(age)
-            await _wait_any([stop], self._settings.relay_prune_every_s)
+            await wait_any([stop], self._settings.relay_prune_every_s)
 
 
 async def _first_of(*work: Coroutine[Any, Any, None]) -> None:
@@ -235,15 +234,3 @@ async def _check_horizon(connection: AsyncConnection, position: Position) -> Non
             " Point SYNC_RELAY_TRANSACTIONAL_ID at a fresh id (unpruned outbox rows are then"
             " published again)"
         )
-
-
-async def _wait_any(events: Sequence[asyncio.Event], timeout_s: float) -> None:
-    """Return when one of `events` is set, or after `timeout_s`."""
-    waits = [asyncio.create_task(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*waits)
