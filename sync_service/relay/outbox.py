@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Text, bindparam, cast, delete, func, select, tuple_
+from sqlalchemy import BigInteger, Text, bindparam, cast, func, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sync_service.db.models import OutboxEvent
@@ -43,16 +43,19 @@ LIMIT $3
 """
 _POSITION = (bindparam("txid", type_=BigInteger), bindparam("id", type_=BigInteger))
 _NEXT_TXID = select(cast(cast(func.pg_snapshot_xmax(func.pg_current_snapshot()), Text), BigInteger))
-# `<=` rather than NOT `>`: only a plain row comparison bounds the index scan, so a round
-# with nothing to prune does not read the index of the whole backlog.
-_PRUNE = delete(OutboxEvent).where(
-    OutboxEvent.id.in_(
-        select(OutboxEvent.id)
-        .where(tuple_(OutboxEvent.txid, OutboxEvent.id) <= tuple_(*_POSITION))
-        .limit(bindparam("limit"))
-        .scalar_subquery()
-    )
-)
+# The oldest rows up to the position, found in the order of the outbox's key (txid, id)
+# and deleted by their place in the heap: a join on the key, `(txid, id) IN (...)`, was
+# planned as a scan of the whole outbox. The places are read in the statement's own
+# snapshot, so none can be reused before it deletes them. `<=` rather than NOT `>`: only
+# a plain row comparison bounds the index scan, so a round with nothing to prune does not
+# read the index of the whole backlog.
+_PRUNE = text(
+    f"""
+DELETE FROM {OutboxEvent.__tablename__} WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {OutboxEvent.__tablename__}
+    WHERE (txid, id) <= (:txid, :id) ORDER BY txid, id LIMIT :limit))
+"""
+).bindparams(*_POSITION, bindparam("limit", type_=BigInteger))
 _BACKLOG = select(
     func.count(),
     func.coalesce(func.extract("epoch", func.now() - func.min(OutboxEvent.created_at)), 0),

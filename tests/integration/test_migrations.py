@@ -45,6 +45,9 @@ SELECT 'constraint', conrelid::regclass::text, conname, pg_get_constraintdef(oid
 FROM pg_constraint WHERE connamespace = 'public'::regnamespace
 UNION ALL
 SELECT 'index', tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'
+UNION ALL
+SELECT 'storage', relname, '', array_to_string(reloptions, ',')
+FROM pg_class WHERE relnamespace = 'public'::regnamespace AND reloptions IS NOT NULL
 """
 RELATIONS = """
 SELECT relname FROM pg_class
@@ -138,6 +141,7 @@ async def test_upgrade_builds_exactly_what_the_models_declare(
     }
     assert from_migrations == set(await _query(created, CATALOG))
     assert ("constraint", "users", "ex_users_live_email") in {row[:3] for row in from_migrations}
+    assert ("storage", "orders", "", "fillfactor=85") in from_migrations
 
 
 async def test_the_comparison_sees_a_schema_that_drifted(

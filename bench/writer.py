@@ -1,0 +1,204 @@
+"""`python -m bench.writer`: the batch writer alone against PostgreSQL, per event, for
+changes on the PostgreSQL side of a batch (its statements, the schema's indexes and
+storage) that a whole drain, noisy by a tenth on these machines, cannot resolve.
+
+The workload is decoded once; each round writes all of it, in arrival order and in batches
+of `--batch` records, through the service's own `BatchWriter` into a database made for
+the round (migrated to head; with `--variant SQL`, every other round runs that SQL after
+migrating, so the two arms interleave). It counts the write's wall time, this process's
+CPU and PostgreSQL's (every server process's, so the machine should be quiet).
+
+Invariant: a round's figures count only if its tables' checksum equals the workload's
+expected state and every dead letter is stored; a variant that breaks the writer fails
+the run (exit 1) instead of showing a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psutil
+from sqlalchemy import func, select, text
+
+from bench.service.database import create_database, drop_database
+from bench.service.usage import process_cpu_seconds
+from bench.workload import Topics, Workload
+from sync_service.config import Settings
+from sync_service.db.engine import make_engine, make_sessionmaker
+from sync_service.db.models import DeadLetterRow, OutboxEvent
+from sync_service.errors import UserError
+from sync_service.events.change import Change, DeadLetter
+from sync_service.memory import tune_gc
+from sync_service.ops.migrate import upgrade
+from sync_service.ops.traffic import table_checksum
+from sync_service.pipeline.batch import Batch, BatchBuilder, TopicPartition
+from sync_service.pipeline.decode import Limits, decode
+from sync_service.pipeline.write import BatchWriter
+
+_TOPICS = Topics("cdc.users", "cdc.orders")
+_LIMITS = Limits(
+    max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1_024
+)
+
+
+def batches(workload: Workload, size: int) -> list[Batch]:
+    """The workload decoded and cut as a backlog drain cuts it (offsets as on fresh topics)."""
+    offsets: dict[TopicPartition, int] = {}
+    builder = BatchBuilder(size, max_wait_s=float("inf"))
+    cut: list[Batch] = []
+    for event in workload.events:
+        topic = _TOPICS.of(event.entity)
+        offset = offsets.get((topic, event.partition), 0)
+        offsets[(topic, event.partition)] = offset + 1
+        found = decode(entity=event.entity, topic=topic, partition=event.partition,
+                       offset=offset, key=event.key, value=event.value, limits=_LIMITS)  # fmt: skip
+        if isinstance(found, Change | DeadLetter):
+            builder.add(found, 0.0)
+        if builder.full():
+            cut.append(builder.take())
+    if len(builder):
+        cut.append(builder.take())
+    return cut
+
+
+def _server_cpu_seconds() -> float:
+    """CPU seconds so far of every PostgreSQL process on this machine."""
+    total = 0.0
+    for process in psutil.process_iter():
+        try:
+            if process.name().startswith("postgres"):
+                total += process_cpu_seconds(process)
+        except psutil.Error:
+            continue
+    return total
+
+
+@dataclass(frozen=True)
+class Round:
+    arm: str
+    wall_s: float
+    client_cpu_s: float
+    server_cpu_s: float
+
+
+async def one_round(
+    base: Settings, name: str, arm: str, variant: str | None, cut: Sequence[Batch],
+    workload: Workload,
+) -> Round:  # fmt: skip
+    """Write every batch of `cut` into a fresh database `name`, then check it."""
+    url = await create_database(base.database_url, name)
+    settings = base.model_copy(update={"database_url": url})
+    engine = make_engine(settings)
+    try:
+        await upgrade(settings)
+        async with engine.connect() as connection:
+            if variant is not None:
+                for statement in filter(None, (s.strip() for s in variant.split(";"))):
+                    await connection.execute(text(statement))
+                await connection.commit()
+            await connection.execute(text("CHECKPOINT"))
+        writer = BatchWriter(make_sessionmaker(engine), f"bench-writer-{arm}", 1_000)
+        expected: dict[TopicPartition, int | None] = {
+            (_TOPICS.of(entity), p): None
+            for entity in ("user", "order")
+            for p in range(workload.partitions)
+        }
+        await writer.positions(list(expected))  # the pool's first connection, untimed
+        server, client, started = _server_cpu_seconds(), time.process_time(), time.perf_counter()
+        for batch in cut:
+            await writer.write(batch, expected)
+            expected.update(batch.next_offsets)
+        wall = time.perf_counter() - started
+        spent = (time.process_time() - client, _server_cpu_seconds() - server)
+        await _check(engine, workload)
+        return Round(arm, wall, *spent)
+    finally:
+        await engine.dispose()
+        await drop_database(base.database_url, name)
+
+
+async def _check(engine: Any, workload: Workload) -> None:
+    expected = workload.expected
+    if await table_checksum(engine) != expected.checksum():
+        raise UserError("the tables' checksum differs from the workload's expected state")
+    async with engine.connect() as connection:
+        dead = await connection.scalar(select(func.count()).select_from(DeadLetterRow))
+        outbox = await connection.scalar(select(func.count()).select_from(OutboxEvent))
+    if dead != expected.dead_letters:
+        raise UserError(f"{dead} dead letters stored, {expected.dead_letters} expected")
+    if not expected.applied_at_least <= outbox <= expected.applied_at_most:
+        raise UserError(f"{outbox} outbox rows, outside [{expected.applied_at_least}, "
+                        f"{expected.applied_at_most}]")  # fmt: skip
+
+
+def summary(rounds: Sequence[Round], events: int) -> dict[str, Any]:
+    """Per arm: each figure's best round (the least disturbed), in µs per event."""
+    found: dict[str, Any] = {}
+    for arm in dict.fromkeys(r.arm for r in rounds):
+        mine = [r for r in rounds if r.arm == arm]
+        found[arm] = {
+            figure: {
+                "best": round(min(getattr(r, key) for r in mine) / events * 1e6, 2),
+                "rounds": [round(getattr(r, key) / events * 1e6, 2) for r in mine],
+            }
+            for figure, key in (
+                ("write_us_per_event", "wall_s"),
+                ("writer_cpu_us_per_event", "client_cpu_s"),
+                ("postgresql_cpu_us_per_event", "server_cpu_s"),
+            )
+        }
+    return found
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tune_gc()
+    workload = Workload.generate(args.events, seed=args.seed)
+    cut = batches(workload, args.batch)
+    base = Settings()
+    rounds = []
+    for number in range(args.rounds):
+        for arm, variant in (("head", None), ("variant", args.variant)):
+            if arm == "variant" and variant is None:
+                continue
+            name = f"sync_bench_writer_{os.getpid()}_{arm}"
+            rounds.append(await one_round(base, name, arm, variant, cut, workload))
+            print(f"round {number + 1} {arm}: {rounds[-1].wall_s:.2f} s", file=sys.stderr)
+    return {
+        "events": args.events,
+        "batch": args.batch,
+        "batches": len(cut),
+        "variant": args.variant,
+        "per_event": summary(rounds, args.events),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.writer", description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=20_261_124)
+    parser.add_argument("--batch", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variant", help="SQL run after migrating, in every other round")
+    args = parser.parse_args(argv)
+    if min(args.events, args.batch, args.rounds) < 1:
+        print("bench.writer: --events, --batch and --rounds must be above 0", file=sys.stderr)
+        return 2
+    try:
+        found = asyncio.run(run(args))
+    except UserError as error:
+        print(f"bench.writer: {error}", file=sys.stderr)
+        return 1
+    sys.stdout.write(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

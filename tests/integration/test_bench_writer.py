@@ -1,0 +1,46 @@
+"""`python -m bench.writer` shows a figure only for rounds that left the expected state."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import writer
+from tests.conftest import Endpoints
+
+pytestmark = pytest.mark.integration
+
+_SMALL = ["--events", "3000", "--batch", "500", "--rounds", "1"]
+
+
+def test_a_round_per_arm_is_checked_and_measured(
+    endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SYNC_DATABASE_URL", endpoints.database_url)
+
+    status = writer.main([*_SMALL, "--variant", "ALTER TABLE users SET (fillfactor = 70)"])
+
+    assert status == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["batches"] == 6
+    for arm in ("head", "variant"):
+        figures = found["per_event"][arm]
+        assert figures["write_us_per_event"]["best"] > 0
+        assert figures["postgresql_cpu_us_per_event"]["best"] > 0
+
+
+def test_a_variant_that_changes_the_outcome_fails_the_run(
+    endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SYNC_DATABASE_URL", endpoints.database_url)
+    # A user already at a version no change reaches: every change to it is stale.
+    squatter = (
+        "INSERT INTO users (id, email, name, active, created_at, updated_at, version)"
+        " VALUES (1, 'squatter@example.com', 'S', true, now(), now(), 1000000000000)"
+    )
+
+    status = writer.main([*_SMALL, "--variant", squatter])
+
+    assert status == 1
+    assert "checksum differs" in capsys.readouterr().err
