@@ -44,7 +44,8 @@ first batches pay for connection set-up, not for the rate."""
 class RowWatcher:
     """Notes when each outbox row first becomes visible. Its `created_at` is the writing
     transaction's start, not its commit, so the row is polled for instead. One batch is
-    written at a time, so outbox ids grow in commit order and `id > last` misses none."""
+    written at a time, so the outbox's key `(txid, id)` grows in commit order and a poll
+    past the last key seen misses none."""
 
     def __init__(self, database_url: str) -> None:
         self._dsn = asyncpg_dsn(database_url)
@@ -64,15 +65,16 @@ class RowWatcher:
         )
         try:
             query = await connection.prepare(
-                "SELECT id, event_id::text FROM outbox WHERE id > $1 ORDER BY id LIMIT 20000"
+                "SELECT txid, id, event_id::text FROM outbox WHERE (txid, id) > ($1, $2)"
+                " ORDER BY txid, id LIMIT 20000"
             )
-            last = 0
+            last = (0, 0)
             while True:
-                rows = await query.fetch(last)
+                rows = await query.fetch(*last)
                 now = time.monotonic()
-                for row_id, event_id in rows:
+                for txid, row_id, event_id in rows:
                     self.seen.setdefault(event_id, now)
-                    last = row_id
+                    last = (txid, row_id)
                 await asyncio.sleep(ROW_POLL_S)
         finally:
             await connection.close()
