@@ -66,15 +66,6 @@ class BatchBuilder:
         batch = self._batch
         return self.full() or (len(batch) > 0 and now - batch.opened_at >= self._max_wait_s)
 
-    def due_in(self, now: float) -> float | None:
-        """Seconds until the batch is due (0 once it is), or None while it is empty."""
-        batch = self._batch
-        if not len(batch):
-            return None
-        if self.full():
-            return 0.0
-        return max(0.0, batch.opened_at + self._max_wait_s - now)
-
     def take(self) -> Batch:
         batch, self._batch = self._batch, Batch()
         return batch

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -148,7 +147,8 @@ class ChangeConsumer:
     async def _step(self, consumer: AIOKafkaConsumer) -> None:
         self._apply_backpressure(consumer)
         fetched = await consumer.getmany(
-            timeout_ms=await self._fetch_wait_ms(), max_records=self._settings.poll_max_records
+            timeout_ms=0 if self._sliced else self._settings.batch_max_wait_ms,
+            max_records=self._settings.poll_max_records,
         )
         now = self._clock()
         if outages.current().kafka.down:
@@ -206,23 +206,6 @@ class ChangeConsumer:
             self._guard_due = now + GUARD_POLL_S
             await self._release_resumed(consumer)
         await asyncio.sleep(0)  # let the batch in flight take its turn
-
-    async def _fetch_wait_ms(self) -> int:
-        """How long the next fetch may wait for records: not at all after a whole slice
-        (more is at hand); else until the batch being built is due, so that it starts on
-        time rather than with the next fetch's answer, and at most the batch window. A due
-        batch that waits for the one in flight waits for that one's end instead, and then
-        starts at once (the fetcher keeps buffering records meanwhile)."""
-        window_ms = self._settings.batch_max_wait_ms
-        if self._sliced:
-            return 0
-        due_in = self._builder.due_in(self._clock())
-        if due_in is None or self._rebalancing or not self._expected:
-            return window_ms
-        if due_in == 0 and self._inflight is not None:
-            await asyncio.wait([self._inflight], timeout=window_ms / 1000)
-            return 0
-        return min(window_ms, math.ceil(due_in * 1000))
 
     def _notice_fetches(self, consumer: AIOKafkaConsumer, fetched: dict[Any, Any]) -> None:
         """End a Kafka outage once the broker answers a fetch again (an answer without

@@ -118,8 +118,13 @@ async def test_a_partition_pauses_once_it_buffers_a_batch_while_one_is_written()
     assert not kafka.paused
 
 
-def recording_waits(kafka: FakeKafka) -> list[int]:
-    """The `timeout_ms` of each of `kafka`'s fetches from now on, in order."""
+async def test_a_backlog_is_decoded_a_slice_per_step_without_waiting_between() -> None:
+    # A wait long enough that the batch never comes due by age meanwhile, however slowly
+    # a loaded machine decodes the first slice (the decoder's first use included).
+    settings = Settings(
+        users_topic="users", batch_max_events=1000, poll_max_records=1000, batch_max_wait_ms=1_000
+    )
+    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(DECODE_SLICE + 1)])
     waits: list[int] = []
     getmany = kafka.getmany
 
@@ -128,18 +133,7 @@ def recording_waits(kafka: FakeKafka) -> list[int]:
         return await getmany(timeout_ms=timeout_ms, max_records=max_records)
 
     kafka.getmany = recording_getmany  # type: ignore[method-assign]
-    return waits
-
-
-async def test_a_backlog_is_decoded_a_slice_per_step_without_waiting_between() -> None:
-    settings = Settings(
-        users_topic="users", batch_max_events=1000, poll_max_records=1000, batch_max_wait_ms=1_000
-    )
-    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(DECODE_SLICE + 1)])
-    waits = recording_waits(kafka)
-    # A clock that stands still: the batch never comes due by age, however slowly a
-    # loaded machine decodes the first slice.
-    consumer = ChangeConsumer(settings, HeldWriter(), clock=lambda: 0.0)  # type: ignore[arg-type]
+    consumer = ChangeConsumer(settings, HeldWriter())  # type: ignore[arg-type]
     consumer._consumer = kafka
     consumer._expected[("users", 0)] = None
     consumer._pending_due = float("inf")
@@ -150,55 +144,6 @@ async def test_a_backlog_is_decoded_a_slice_per_step_without_waiting_between() -
     assert len(consumer._builder) == DECODE_SLICE + 1
     await consumer._step(kafka)  # all decoded: a fetch may wait again
     assert waits == [1_000, 0, 1_000]
-
-
-async def test_a_fetch_waits_only_until_the_batch_being_built_is_due() -> None:
-    settings = Settings(
-        users_topic="users", batch_max_events=1000, poll_max_records=1000, batch_max_wait_ms=25
-    )
-    kafka = FakeKafka([Record(0, b"1", encode(user_event(1, 0)))])
-    waits = recording_waits(kafka)
-    now = [10.0]
-    writer = HeldWriter()
-    consumer = ChangeConsumer(settings, writer, clock=lambda: now[0])  # type: ignore[arg-type]
-    consumer._consumer = kafka
-    consumer._expected[("users", 0)] = None
-    consumer._pending_due = float("inf")
-
-    await consumer._step(kafka)  # the record opens a batch at 10.000
-    now[0] = 10.018
-    await consumer._step(kafka)
-    now[0] = 10.025
-    await consumer._step(kafka)  # due: handed to the writer without a fetch's wait
-
-    assert waits == [25, 7, 0]
-    assert consumer._inflight is not None
-
-
-async def test_a_due_batch_starts_as_soon_as_the_one_in_flight_commits() -> None:
-    settings = Settings(
-        users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=60_000
-    )
-    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(20)])
-    writer = HeldWriter()
-    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
-    consumer._consumer = kafka
-    consumer._expected[("users", 0)] = None
-    consumer._pending_due = float("inf")
-    await consumer._step(kafka)  # a full batch, handed to the writer (held)
-    await consumer._step(kafka)  # the next one, full and due, waits for it
-    waits = recording_waits(kafka)
-
-    waiting = asyncio.create_task(consumer._step(kafka))
-    await asyncio.sleep(0.05)
-    assert not waiting.done()  # for the batch in flight, not for a fetch's 60 s window
-    writer.release.set()
-    await asyncio.wait_for(waiting, timeout=5)
-
-    assert waits == [0]
-    assert consumer._inflight is not None  # the second batch, started in the same step
-    await asyncio.wait_for(consumer._inflight, timeout=5)
-    assert writer.batches == [10, 10]
 
 
 async def test_a_slow_kafka_offset_commit_never_holds_up_the_next_batch() -> None:
