@@ -3,7 +3,8 @@
 The relay reads and prunes the outbox in `(txid, id)` order, so that index was always
 there beside the primary key on `id`, and every outbox row paid for both. The primary key
 becomes `(txid, id)` and the separate index goes: one index entry less per applied
-change (`python -m bench.writer`: 5% of a batch's write, 7% of PostgreSQL's CPU).
+change (`python -m bench.writer`: 5-7% of a batch's write, 7-8% of PostgreSQL's CPU). A
+query by `id` alone now reads the whole outbox: query by the key.
 
 The unique index is built concurrently first; swapping the constraint onto it then takes
 only a brief lock. The previous release lives with it: it writes rows as before, and its
