@@ -27,13 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
 
 from bench.workload import Topics, Workload
-from sync_service.events.change import Change, Entity
+from sync_service.events.change import Change, DeadLetter, Entity, Skipped
 from sync_service.memory import tune_gc
 from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.plan import Plan, Row, needs, plan
@@ -42,22 +42,24 @@ from sync_service.pipeline.write import _outbox_row
 _LIMITS = Limits(
     max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1_024
 )
-_TOPICS = Topics("cdc.users", "cdc.orders")
+TOPICS = Topics("cdc.users", "cdc.orders")
+"""The topics the workload's records are decoded as coming from."""
+
+
+def records(workload: Workload) -> Iterator[Change | DeadLetter | Skipped]:
+    """Every event decoded as the consumer does (offsets as on fresh topics)."""
+    offsets: dict[tuple[str, int], int] = {}
+    for event in workload.events:
+        topic = TOPICS.of(event.entity)
+        offset = offsets.get((topic, event.partition), 0)
+        offsets[(topic, event.partition)] = offset + 1
+        yield decode(entity=event.entity, topic=topic, partition=event.partition,
+                     offset=offset, key=event.key, value=event.value, limits=_LIMITS)  # fmt: skip
 
 
 def decoded(workload: Workload) -> list[Change]:
-    """Decode every event as the consumer does (offsets as on fresh topics)."""
-    offsets: dict[tuple[str, int], int] = {}
-    changes = []
-    for event in workload.events:
-        topic = _TOPICS.of(event.entity)
-        offset = offsets.get((topic, event.partition), 0)
-        offsets[(topic, event.partition)] = offset + 1
-        found = decode(entity=event.entity, topic=topic, partition=event.partition,
-                       offset=offset, key=event.key, value=event.value, limits=_LIMITS)  # fmt: skip
-        if isinstance(found, Change):
-            changes.append(found)
-    return changes
+    """The changes among `records(workload)`."""
+    return [found for found in records(workload) if isinstance(found, Change)]
 
 
 class Target:

@@ -28,9 +28,10 @@ import orjson
 import psutil
 from sqlalchemy import func, select, text
 
+from bench.cpu import TOPICS, records
 from bench.service.database import create_database, drop_database
 from bench.service.usage import process_cpu_seconds
-from bench.workload import Topics, Workload
+from bench.workload import Workload
 from sync_service.config import Settings
 from sync_service.db.engine import make_engine, make_sessionmaker
 from sync_service.db.models import DeadLetterRow, OutboxEvent
@@ -40,26 +41,14 @@ from sync_service.memory import tune_gc
 from sync_service.ops.migrate import upgrade
 from sync_service.ops.traffic import table_checksum
 from sync_service.pipeline.batch import Batch, BatchBuilder, TopicPartition
-from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.write import BatchWriter
-
-_TOPICS = Topics("cdc.users", "cdc.orders")
-_LIMITS = Limits(
-    max_bytes=1 << 20, max_depth=8, dead_letter_value_bytes=65_536, dead_letter_key_bytes=1_024
-)
 
 
 def batches(workload: Workload, size: int) -> list[Batch]:
-    """The workload decoded and cut as a backlog drain cuts it (offsets as on fresh topics)."""
-    offsets: dict[TopicPartition, int] = {}
+    """The workload decoded and cut as a backlog drain cuts it."""
     builder = BatchBuilder(size, max_wait_s=float("inf"))
     cut: list[Batch] = []
-    for event in workload.events:
-        topic = _TOPICS.of(event.entity)
-        offset = offsets.get((topic, event.partition), 0)
-        offsets[(topic, event.partition)] = offset + 1
-        found = decode(entity=event.entity, topic=topic, partition=event.partition,
-                       offset=offset, key=event.key, value=event.value, limits=_LIMITS)  # fmt: skip
+    for found in records(workload):
         if isinstance(found, Change | DeadLetter):
             builder.add(found, 0.0)
         if builder.full():
@@ -107,7 +96,7 @@ async def one_round(
             await connection.execute(text("CHECKPOINT"))
         writer = BatchWriter(make_sessionmaker(engine), f"bench-writer-{arm}", 1_000)
         expected: dict[TopicPartition, int | None] = {
-            (_TOPICS.of(entity), p): None
+            (TOPICS.of(entity), p): None
             for entity in ("user", "order")
             for p in range(workload.partitions)
         }
