@@ -10,7 +10,8 @@ CPU and PostgreSQL's (every server process's, so the machine should be quiet).
 
 Invariant: a round's figures count only if its tables' checksum equals the workload's
 expected state and every dead letter is stored; a variant that breaks the writer fails
-the run (exit 1) instead of showing a figure.
+the run (exit 1) instead of showing a figure. Exit 2: the run could not start (a bad
+option, PostgreSQL unreachable, the variant's SQL refused), with one line on stderr.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import orjson
 import psutil
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from bench.cpu import TOPICS, records
 from bench.service.database import create_database, drop_database
@@ -90,8 +92,12 @@ async def one_round(
         await upgrade(settings)
         async with engine.connect() as connection:
             if variant is not None:
-                for statement in filter(None, (s.strip() for s in variant.split(";"))):
-                    await connection.execute(text(statement))
+                try:
+                    for statement in filter(None, (s.strip() for s in variant.split(";"))):
+                        await connection.execute(text(statement))
+                except DBAPIError as error:
+                    first = str(error.orig).strip().splitlines()[0]
+                    raise UserError(f"the variant's SQL was refused: {first}") from None
                 await connection.commit()
             await connection.execute(text("CHECKPOINT"))
         writer = BatchWriter(make_sessionmaker(engine), f"bench-writer-{arm}", 1_000)
@@ -114,17 +120,21 @@ async def one_round(
         await drop_database(base.database_url, name)
 
 
+class Wrong(Exception):
+    """A round left something other than the workload's expected state."""
+
+
 async def _check(engine: Any, workload: Workload) -> None:
     expected = workload.expected
     if await table_checksum(engine) != expected.checksum():
-        raise UserError("the tables' checksum differs from the workload's expected state")
+        raise Wrong("the tables' checksum differs from the workload's expected state")
     async with engine.connect() as connection:
         dead = await connection.scalar(select(func.count()).select_from(DeadLetterRow))
         outbox = await connection.scalar(select(func.count()).select_from(OutboxEvent))
     if dead != expected.dead_letters:
-        raise UserError(f"{dead} dead letters stored, {expected.dead_letters} expected")
+        raise Wrong(f"{dead} dead letters stored, {expected.dead_letters} expected")
     if not expected.applied_at_least <= outbox <= expected.applied_at_most:
-        raise UserError(f"{outbox} outbox rows, outside [{expected.applied_at_least}, "
+        raise Wrong(f"{outbox} outbox rows, outside [{expected.applied_at_least}, "
                         f"{expected.applied_at_most}]")  # fmt: skip
 
 
@@ -182,9 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         found = asyncio.run(run(args))
-    except UserError as error:
+    except Wrong as error:
         print(f"bench.writer: {error}", file=sys.stderr)
         return 1
+    except UserError as error:
+        print(f"bench.writer: {error}", file=sys.stderr)
+        return 2
     sys.stdout.write(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode() + "\n")
     return 0
 

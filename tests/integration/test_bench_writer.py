@@ -44,3 +44,18 @@ def test_a_variant_that_changes_the_outcome_fails_the_run(
 
     assert status == 1
     assert "checksum differs" in capsys.readouterr().err
+
+
+def test_a_variant_the_server_refuses_is_one_line(
+    endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SYNC_DATABASE_URL", endpoints.database_url)
+
+    status = writer.main([*_SMALL, "--variant", "ALTER TABLE no_such_table SET (fillfactor = 70)"])
+
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the head round's progress line
+    assert last.startswith("bench.writer: the variant's SQL was refused:")
+    assert "no_such_table" in last
