@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import psutil
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
 
 from bench.cpu import TOPICS, records
 from bench.service.database import create_database, drop_database
-from bench.service.usage import process_cpu_seconds
+from bench.service.usage import role_cpu_seconds
 from bench.workload import Workload
 from sync_service.config import Settings
 from sync_service.db.engine import make_engine, make_sessionmaker
@@ -58,18 +57,6 @@ def batches(workload: Workload, size: int) -> list[Batch]:
     if len(builder):
         cut.append(builder.take())
     return cut
-
-
-def _server_cpu_seconds() -> float:
-    """CPU seconds so far of every PostgreSQL process on this machine."""
-    total = 0.0
-    for process in psutil.process_iter():
-        try:
-            if process.name().startswith("postgres"):
-                total += process_cpu_seconds(process)
-        except psutil.Error:
-            continue
-    return total
 
 
 @dataclass(frozen=True)
@@ -107,12 +94,13 @@ async def one_round(
             for p in range(workload.partitions)
         }
         await writer.positions(list(expected))  # the pool's first connection, untimed
-        server, client, started = _server_cpu_seconds(), time.process_time(), time.perf_counter()
+        server = role_cpu_seconds("postgresql")
+        client, started = time.process_time(), time.perf_counter()
         for batch in cut:
             await writer.write(batch, expected)
             expected.update(batch.next_offsets)
         wall = time.perf_counter() - started
-        spent = (time.process_time() - client, _server_cpu_seconds() - server)
+        spent = (time.process_time() - client, role_cpu_seconds("postgresql") - server)
         await _check(engine, workload)
         return Round(arm, wall, *spent)
     finally:

@@ -56,6 +56,12 @@ def _cpu_by_role(targets: list[int], children: bool) -> dict[tuple[str, int], fl
     return found
 
 
+def role_cpu_seconds(role: str) -> float:
+    """CPU seconds so far of every running process of `role` (`postgresql`, `kafka`...):
+    two readings bound a window without a sampling thread in the reading process."""
+    return sum(seconds for (found, _), seconds in _cpu_by_role([], False).items() if found == role)
+
+
 def _children(process: psutil.Process) -> list[psutil.Process]:
     try:
         return list(process.children(recursive=True))
