@@ -161,15 +161,15 @@ async def _differences(engine: AsyncEngine, expected: ExpectedState, at_most: in
         ("user", expected.users),
         ("order", expected.orders),
     )
-    for entity, want in pairs:
-        wanted = {row.split("|", 1)[0]: row for row in want}
-        have = {row.split("|", 1)[0]: row for row in stored[entity]}
-        for id_ in sorted(wanted.keys() | have.keys(), key=int):
-            if wanted.get(id_) == have.get(id_):
-                continue
-            if len(lines) >= at_most:
-                return "\n".join([*lines, "..."])
-            async with engine.connect() as connection:
+    async with engine.connect() as connection:
+        for entity, want in pairs:
+            wanted = {row.split("|", 1)[0]: row for row in want}
+            have = {row.split("|", 1)[0]: row for row in stored[entity]}
+            for id_ in sorted(wanted.keys() | have.keys(), key=int):
+                if wanted.get(id_) == have.get(id_):
+                    continue
+                if len(lines) >= at_most:
+                    return "\n".join([*lines, "..."])
                 waits = (
                     await connection.execute(
                         text(
@@ -189,9 +189,9 @@ async def _differences(engine: AsyncEngine, expected: ExpectedState, at_most: in
                     )
                 ).scalars()
                 versions = list(logged)
-            lines += [
-                f"{entity} {id_}: expected {wanted.get(id_, '-')}",
-                f"{' ' * len(entity)} {id_}: stored   {have.get(id_, '-')}",
-                f"  waiting {[tuple(w) for w in waits]}, outbox versions {versions}",
-            ]
+                lines += [
+                    f"{entity} {id_}: expected {wanted.get(id_, '-')}",
+                    f"{' ' * len(entity)} {id_}: stored   {have.get(id_, '-')}",
+                    f"  waiting {[tuple(w) for w in waits]}, outbox versions {versions}",
+                ]
     return "\n".join(lines)
