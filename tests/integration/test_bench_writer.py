@@ -14,11 +14,13 @@ pytestmark = pytest.mark.integration
 _SMALL = ["--events", "3000", "--batch", "500", "--rounds", "1"]
 
 
-def test_a_round_per_arm_is_checked_and_measured(
-    endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture(autouse=True)
+def _server(endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bench.writer` makes its databases on the test server."""
     monkeypatch.setenv("SYNC_DATABASE_URL", endpoints.database_url)
 
+
+def test_a_round_per_arm_is_checked_and_measured(capsys: pytest.CaptureFixture[str]) -> None:
     status = writer.main([*_SMALL, "--variant", "ALTER TABLE users SET (fillfactor = 70)"])
 
     assert status == 0
@@ -31,9 +33,8 @@ def test_a_round_per_arm_is_checked_and_measured(
 
 
 def test_a_variant_that_changes_the_outcome_fails_the_run(
-    endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("SYNC_DATABASE_URL", endpoints.database_url)
     # A user already at a version no change reaches: every change to it is stale.
     squatter = (
         "INSERT INTO users (id, email, name, active, created_at, updated_at, version)"
@@ -46,11 +47,7 @@ def test_a_variant_that_changes_the_outcome_fails_the_run(
     assert "checksum differs" in capsys.readouterr().err
 
 
-def test_a_variant_the_server_refuses_is_one_line(
-    endpoints: Endpoints, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("SYNC_DATABASE_URL", endpoints.database_url)
-
+def test_a_variant_the_server_refuses_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     status = writer.main([*_SMALL, "--variant", "ALTER TABLE no_such_table SET (fillfactor = 70)"])
 
     assert status == 2
