@@ -3,9 +3,8 @@ changes on the PostgreSQL side of a batch (its statements, the schema's indexes 
 storage) that a whole drain, noisy by a tenth on these machines, cannot resolve.
 
 The workload is decoded once; each round writes all of it, in arrival order and in batches
-of `--batch` records, through the service's own `BatchWriter` (each batch's rows read
-while the one before is written, as the consumer does in a backlog) into a database made
-for the round (migrated to head; with `--variant SQL`, every other round runs that SQL after
+of `--batch` records, through the service's own `BatchWriter` into a database made for
+the round (migrated to head; with `--variant SQL`, every other round runs that SQL after
 migrating, so the two arms interleave). It counts the write's wall time, this process's
 CPU and PostgreSQL's (every server process's, so the machine should be quiet).
 
@@ -97,17 +96,9 @@ async def one_round(
         await writer.positions(list(expected))  # the pool's first connection, untimed
         server = role_cpu_seconds("postgresql")
         client, started = time.process_time(), time.perf_counter()
-        ahead = None
-        for number, batch in enumerate(cut):
-            # As the consumer does in a backlog: the next batch's rows are read while
-            # this one is written.
-            following = cut[number + 1 : number + 2]
-            reading = (
-                asyncio.create_task(writer.read_ahead(following[0].changes)) if following else None
-            )
-            await writer.write(batch, expected, ahead)
+        for batch in cut:
+            await writer.write(batch, expected)
             expected.update(batch.next_offsets)
-            ahead = await reading if reading else None
         wall = time.perf_counter() - started
         spent = (time.process_time() - client, role_cpu_seconds("postgresql") - server)
         await _check(engine, workload)

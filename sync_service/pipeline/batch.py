@@ -58,11 +58,6 @@ class BatchBuilder:
     def __len__(self) -> int:
         return len(self._batch)
 
-    @property
-    def building(self) -> Batch:
-        """The batch being built, to read (`take` hands it over; `drop` starts another)."""
-        return self._batch
-
     def full(self) -> bool:
         return len(self._batch) >= self._max_events
 

@@ -5,9 +5,7 @@ committed batch it also commits them to Kafka (best effort, never holding up the
 batch) so that standard lag tools see the truth. Fetched records are buffered per
 partition and taken oldest first across partitions (`align`); one batch is written at a
 time while the next one fills, and a partition whose buffer holds its share of a batch
-pauses (backpressure) until it drains. While a batch is written, the stored rows of the
-full batch behind it are read on another connection, so that its own transaction need
-not read them (`BatchWriter.read_ahead`). On revoke and on stop, the batch in flight
+pauses (backpressure) until it drains. On revoke and on stop, the batch in flight
 finishes (or, past the grace period, is rolled back whole). The consumer reads
 `read_committed`: an upstream's aborted transactions are never returned, and the stored
 positions move past them and past the transaction markers, to the partitions' ends.
@@ -35,7 +33,7 @@ from sync_service.pipeline.align import Aligner
 from sync_service.pipeline.batch import Batch, BatchBuilder
 from sync_service.pipeline.decode import Limits, decoder_for
 from sync_service.pipeline.guard import Trip
-from sync_service.pipeline.write import BatchWriter, Fenced, ReadAhead, WriteResult
+from sync_service.pipeline.write import BatchWriter, Fenced, WriteResult
 from sync_service.retry import Backoff, describe, is_transient, retrying
 
 log = logging.getLogger(__name__)
@@ -82,8 +80,6 @@ class ChangeConsumer:
         self._expected: dict[TP, int | None] = {}
         """Owned partitions and the position this consumer believes is stored for each."""
         self._inflight: asyncio.Task[None] | None = None
-        self._ahead: tuple[Batch, asyncio.Task[ReadAhead]] | None = None
-        """The full batch waiting behind the one in flight, and the read of its rows."""
         self._rebalancing = False
         self._pending_due = 0.0
         """When to next retry the oldest waiting changes (a sweep), whatever arrives."""
@@ -190,8 +186,6 @@ class ChangeConsumer:
                 if record.headers and isinstance(decoded, DeadLetter):
                     decoded = replace(decoded, headers=tuple(record.headers))
                 self._builder.add(decoded, now)
-        if self._inflight is not None and not self._inflight.done() and self._builder.full():
-            self._read_ahead()
         if self._inflight is not None and self._inflight.done():
             task, self._inflight = self._inflight, None
             task.result()  # a defect (not a transient failure) stops the service here
@@ -276,44 +270,22 @@ class ChangeConsumer:
             self._paused.difference_update(resume)
         metrics.PAUSED.set(int(bool(self._paused)))
 
-    def _read_ahead(self) -> None:
-        """Read the stored rows of the full batch being built (once per batch)."""
-        building = self._builder.building
-        if self._ahead is not None and self._ahead[0] is building:
-            return
-        self._discard_ahead()
-        read = asyncio.create_task(self._writer.read_ahead(building.changes), name="read-ahead")
-        self._ahead = (building, read)
-
-    def _discard_ahead(self) -> None:
-        if self._ahead is not None:
-            _, read = self._ahead
-            read.cancel()
-            read.add_done_callback(_ignore_outcome)
-            self._ahead = None
-
     def _start(self, batch: Batch) -> None:
         if batch.sweep:
             self._pending_due = self._clock() + self._settings.pending_retry_ms / 1000
-        ahead = None
-        if self._ahead is not None and self._ahead[0] is batch:
-            ahead, self._ahead = self._ahead[1], None
-        self._discard_ahead()  # one read for a batch since dropped (a revoke, a seek)
-        self._inflight = asyncio.create_task(self._write(batch, ahead), name="write-batch")
+        self._inflight = asyncio.create_task(self._write(batch), name="write-batch")
 
-    async def _write(self, batch: Batch, reading: asyncio.Task[ReadAhead] | None = None) -> None:
+    async def _write(self, batch: Batch) -> None:
         """Write `batch` until it commits (retrying transient failures), then advance."""
         expected = dict(self._expected)
         started = self._clock()
-        ahead = await _outcome(reading)
-
-        async def attempt() -> WriteResult:
-            nonlocal ahead
-            first, ahead = ahead, None  # a retry reads its rows again, in its transaction
-            return await self._writer.write(batch, expected, first)
-
         try:
-            result = await retrying("write batch", attempt, self._backoff, on=outages.POSTGRESQL)
+            result = await retrying(
+                "write batch",
+                lambda: self._writer.write(batch, expected),
+                self._backoff,
+                on=outages.POSTGRESQL,
+            )
         except Fenced as fenced:
             log.warning(
                 "positions moved under this consumer; re-reading them",
@@ -527,7 +499,6 @@ class ChangeConsumer:
                 self._mirroring.cancel()
                 await asyncio.wait([self._mirroring])
             self._expected.clear()
-            self._discard_ahead()
             await consumer.stop()
 
 
@@ -551,23 +522,6 @@ def _batch_context(batch: Batch, result: WriteResult, seconds: float) -> dict[st
         "outbox": result.outbox,
         "write_ms": round(seconds * 1000, 1),
     }
-
-
-async def _outcome(reading: asyncio.Task[ReadAhead] | None) -> ReadAhead | None:
-    """The read ahead, or None where it failed: the batch then reads its rows itself,
-    and meets whatever made this read fail."""
-    if reading is None:
-        return None
-    try:
-        return await reading
-    except Exception as error:
-        log.debug("rows not read ahead: %s", describe(error))
-        return None
-
-
-def _ignore_outcome(task: asyncio.Task[ReadAhead]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: a discarded read's failure concerns nobody
 
 
 async def _behind(consumer: AIOKafkaConsumer, tp: TP, backlog: int) -> bool:

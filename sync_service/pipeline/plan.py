@@ -86,17 +86,6 @@ class Needs:
     order_ids: frozenset[int]
     emails: frozenset[str]
 
-    def __sub__(self, other: Needs) -> Needs:
-        """What this needs that `other` does not cover."""
-        return Needs(
-            self.user_ids - other.user_ids,
-            self.order_ids - other.order_ids,
-            self.emails - other.emails,
-        )
-
-    def __bool__(self) -> bool:
-        return bool(self.user_ids or self.order_ids or self.emails)
-
 
 def needs(changes: Iterable[Change]) -> Needs:
     user_ids: set[int] = set()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from base64 import b64encode
-from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,17 +60,7 @@ from sync_service.events.outbound import downstream_event_text, event_type, outb
 from sync_service.pipeline.batch import Batch, TopicPartition
 from sync_service.pipeline.decode import change_from_envelope, envelope_document
 from sync_service.pipeline.guard import DeadLetterGuard, Trip, paused_partitions
-from sync_service.pipeline.plan import (
-    COLUMNS,
-    Applied,
-    Needs,
-    PendingKey,
-    Plan,
-    Row,
-    Waiting,
-    needs,
-    plan,
-)  # fmt: skip
+from sync_service.pipeline.plan import COLUMNS, Applied, PendingKey, Plan, Row, Waiting, needs, plan
 from sync_service.retry import Transient
 
 OUTBOX_CHANNEL = "sync_outbox"
@@ -103,9 +92,6 @@ _PENDING_ENVELOPES = select(
     PendingChange.offset,
 ).where(_IN_KEYS)
 _REMEMBER_AT_MOST = 200_000
-_WRITTEN_KEPT = 2
-"""Committed batches whose rows a read ahead can be brought up to date with: one is read
-while the batch before it is written, so it is at most one commit behind."""
 _NOTIFY = text("SELECT pg_notify(:channel, '')").bindparams(channel=OUTBOX_CHANNEL)
 
 
@@ -214,24 +200,6 @@ class LostUpdate(Transient):
     """A row changed between the batch's read and its write; the batch is retried."""
 
 
-Stored = dict[Entity, dict[int, Row]]
-
-
-@dataclass(frozen=True, slots=True)
-class ReadAhead:
-    """The stored rows a batch needs (`wanted`), read before its transaction, while the
-    batch before it was being written; `after` is how many batches the writer had
-    committed when the read began. The writer brings them up to date with the rows of
-    every batch it committed since: while its fence holds, nobody else writes the rows of
-    its partitions' entities, and what other writers change (a user in a partition it
-    does not own) is caught as ever by the version guard and the email rule, and the
-    batch retried with a fresh read."""
-
-    wanted: Needs
-    stored: Stored
-    after: int
-
-
 @dataclass(slots=True)
 class WriteResult:
     """What one committed batch did."""
@@ -268,9 +236,6 @@ class BatchWriter:
         self._publish_dead_letters = publish_dead_letters
         """Write an outbox row per new dead letter (`SYNC_DLQ_TOPIC` is set)."""
         self._waiting: dict[PendingKey, Change] = {}
-        self._commits = 0
-        self._written: deque[tuple[int, dict[Entity, list[Row]]]] = deque(maxlen=_WRITTEN_KEPT)
-        """The rows of the last batches committed, numbered by `_commits`."""
 
     async def paused(self, partitions: Collection[TopicPartition]) -> dict[TopicPartition, Trip]:
         """Which of `partitions` the dead-letter guard holds for this group, and why."""
@@ -287,23 +252,12 @@ class BatchWriter:
             )
             return {(t, p): n for t, p, n in rows}
 
-    async def read_ahead(self, changes: Sequence[Change]) -> ReadAhead:
-        """Read the stored rows `changes` need, outside any transaction, so that their batch
-        need not read them inside its own (pass the result to its `write`, once)."""
-        after, wanted = self._commits, needs(changes)
-        async with self._sessions() as session:
-            return ReadAhead(wanted, await _read_stored(session, wanted), after)
-
     async def write(
-        self,
-        batch: Batch,
-        expected: Mapping[TopicPartition, int | None],
-        ahead: ReadAhead | None = None,
+        self, batch: Batch, expected: Mapping[TopicPartition, int | None]
     ) -> WriteResult:
         """Apply `batch` for the partitions in `expected` (all this consumer owns, with the
         positions it believes are stored). Changes waiting on those partitions are tried
-        again in the same transaction. `ahead` is `read_ahead` of the batch's changes; a
-        retry must not pass it again (what made the write fail may be in it)."""
+        again in the same transaction."""
         async with self._sessions() as session, session.begin():
             # First, always: locking the positions gives this transaction its id, so two
             # batches that write the same aggregate get ids in commit order, which is the
@@ -311,14 +265,12 @@ class BatchWriter:
             txid, replays = await self._fence(session, expected)
             batch, resumed = _bound(batch, replays)
             pending = await self._load_pending(session, batch, list(expected))
-            stored = await self._stored(session, [*pending, *batch.changes], ahead)
+            stored = await load_stored(session, [*pending, *batch.changes])
             result_plan = plan(batch.changes, pending, stored)
             result = await self._apply(session, batch, result_plan, txid)
             if self._guard is not None and batch.dead:
                 result.tripped = await self._guard.check(session, batch)
             await self._store_positions(session, batch.next_offsets, resumed)
-        self._commits += 1
-        self._written.append((self._commits, result_plan.rows))
         result.next_offsets = dict(batch.next_offsets)
         result.resumed = resumed
         return result
@@ -345,28 +297,6 @@ class BatchWriter:
         if not rows:  # no position stored yet (or none expected)
             return int(await session.scalar(select(_TXID))), replays  # type: ignore[arg-type]
         return int(rows[0][3]), replays
-
-    async def _stored(
-        self, session: AsyncSession, changes: Sequence[Change], ahead: ReadAhead | None
-    ) -> Stored:
-        """The rows `plan` needs for `changes`: from `ahead` brought up to date with the
-        batches committed since it was read, and read now where it lacks some (waiting
-        changes' rows, or everything when it is older than the commits kept)."""
-        if ahead is None:
-            return await load_stored(session, changes)
-        written = [rows for number, rows in self._written if number > ahead.after]
-        if len(written) < self._commits - ahead.after:  # read before the commits kept
-            return await load_stored(session, changes)
-        wanted = needs(changes)
-        stored: Stored = {"user": dict(ahead.stored["user"]), "order": dict(ahead.stored["order"])}
-        for rows in written:
-            _lay_over(stored, rows, wanted)
-        missing = wanted - ahead.wanted
-        if missing:
-            fresh = await _read_stored(session, missing)
-            stored["user"].update(fresh["user"])
-            stored["order"].update(fresh["order"])
-        return stored
 
     async def _load_pending(
         self, session: AsyncSession, batch: Batch, partitions: list[TopicPartition]
@@ -562,14 +492,13 @@ async def _outbox_rows(
     return rows
 
 
-async def load_stored(session: AsyncSession, changes: Sequence[Change]) -> Stored:
+async def load_stored(
+    session: AsyncSession, changes: Sequence[Change]
+) -> dict[Entity, dict[int, Row]]:
     """The rows `plan` needs for `changes` (see `plan.needs`)."""
-    return await _read_stored(session, needs(changes))
-
-
-async def _read_stored(session: AsyncSession, wanted: Needs) -> Stored:
+    wanted = needs(changes)
     user_ids, order_ids, emails = wanted.user_ids, wanted.order_ids, wanted.emails
-    stored: Stored = {"user": {}, "order": {}}
+    stored: dict[Entity, dict[int, Row]] = {"user": {}, "order": {}}
     if user_ids or emails:
         rows = await session.execute(
             _STORED_USERS, {"user_ids": sorted(user_ids), "emails": sorted(emails)}
@@ -579,20 +508,6 @@ async def _read_stored(session: AsyncSession, wanted: Needs) -> Stored:
         rows = await session.execute(_STORED_ORDERS, {"order_ids": sorted(order_ids)})
         stored["order"] = _by_id(rows, COLUMNS["order"])
     return stored
-
-
-def _lay_over(stored: Stored, written: Mapping[Entity, Sequence[Row]], wanted: Needs) -> None:
-    """Bring rows read earlier up to date with `written`, the rows a later commit of this
-    writer stored: each replaces the row of its id, and joins `stored` where `wanted`
-    asks for its id or its email (a user that took an email since the read)."""
-    users, orders = stored["user"], stored["order"]
-    for row in written["user"]:
-        user_id = row["id"]
-        if user_id in users or user_id in wanted.user_ids or row["email"] in wanted.emails:
-            users[user_id] = row
-    for row in written["order"]:
-        if row["id"] in orders or row["id"] in wanted.order_ids:
-            orders[row["id"]] = row
 
 
 def _by_id(rows: Iterable[Sequence[Any]], columns: Sequence[str]) -> dict[int, Row]:

@@ -16,7 +16,7 @@ from sync_service.errors import UserError
 from sync_service.ops.dlq import redrive
 from sync_service.ops.replay import replay
 from sync_service.pipeline.batch import Batch, TopicPartition
-from sync_service.pipeline.write import BatchWriter, ReadAhead
+from sync_service.pipeline.write import BatchWriter
 from tests.factories import encode, user_event
 from tests.integration.harness import create_topics, produce, rows
 from tests.integration.test_cli import cli
@@ -71,13 +71,8 @@ async def test_a_failed_redrive_is_recorded_as_failed_and_changes_nothing(
     settings: Settings, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class FailsAfterWriting(BatchWriter):
-        async def write(
-            self,
-            batch: Batch,
-            expected: Mapping[TopicPartition, int | None],
-            ahead: ReadAhead | None = None,
-        ) -> Any:
-            await super().write(batch, expected, ahead)
+        async def write(self, batch: Batch, expected: Mapping[TopicPartition, int | None]) -> Any:
+            await super().write(batch, expected)
             raise RuntimeError("the process died here")
 
     monkeypatch.setattr("sync_service.ops.dlq.BatchWriter", FailsAfterWriting)

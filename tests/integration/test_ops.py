@@ -19,7 +19,7 @@ from sync_service.ops.dlq import list_dead_letters, redrive, render
 from sync_service.ops.offsets import read_offsets
 from sync_service.ops.replay import replay
 from sync_service.pipeline.batch import Batch, TopicPartition
-from sync_service.pipeline.write import BatchWriter, ReadAhead
+from sync_service.pipeline.write import BatchWriter
 from tests.factories import delete_event, encode, key_of, order_event, user_event
 from tests.integration.harness import (
     Message,
@@ -462,13 +462,8 @@ async def test_a_redrive_that_fails_after_writing_leaves_nothing_behind(
     must not make its rows visible before the letters are marked."""
 
     class FailsAfterWriting(BatchWriter):
-        async def write(
-            self,
-            batch: Batch,
-            expected: Mapping[TopicPartition, int | None],
-            ahead: ReadAhead | None = None,
-        ) -> Any:
-            await super().write(batch, expected, ahead)
+        async def write(self, batch: Batch, expected: Mapping[TopicPartition, int | None]) -> Any:
+            await super().write(batch, expected)
             raise RuntimeError("the process died here")
 
     monkeypatch.setattr("sync_service.ops.dlq.BatchWriter", FailsAfterWriting)

@@ -47,38 +47,24 @@ async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncS
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(scenario=scenarios(max_changes=20))
-@pytest.mark.parametrize("read_ahead", [False, True], ids=["read-in", "read-ahead"])
 async def test_any_delivery_through_the_writer_ends_at_the_source_state(
-    scenario: Scenario,
-    read_ahead: bool,
-    engine: AsyncEngine,
-    sessions: async_sessionmaker[AsyncSession],
+    scenario: Scenario, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    """With `read_ahead`, each batch's rows are read before the batch ahead of it is
-    written, as the consumer does in a backlog at the latest: the writer must bring them
-    up to date, or a batch applies on a row it did not see (a lost update, a broken rule,
-    a wrong outbox row)."""
     async with engine.begin() as connection:
         await connection.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
     writer = BatchWriter(sessions, GROUP, pending_load_limit=10_000)
     positions: dict[TopicPartition, int | None] = dict.fromkeys(scenario.logs)
     outbox_written = waited = 0
-    batches = []
-    for delivery in scenario.batches:
+    for number, delivery in enumerate(scenario.batches):
         builder = BatchBuilder(max_events=10_000, max_wait_s=1)
         for record in delivery.records:
             builder.add(record.decoded(), now=0)
-        batches.append(builder.take())
-        batches[-1].sweep = delivery.sweep
-    ahead = None
-    for number, batch in enumerate(batches):
-        following = batches[number + 1 : number + 2]
-        read = await writer.read_ahead(following[0].changes) if read_ahead and following else None
+        batch = builder.take()
+        batch.sweep = delivery.sweep
         try:
-            result = await writer.write(batch, dict(positions), ahead)
+            result = await writer.write(batch, dict(positions))
         except exc.IntegrityError as error:  # the deferred email rule, the user foreign key
             pytest.fail(f"batch {number} broke a rule: {error.orig}")
-        ahead = read
         positions.update(result.next_offsets)
         outbox_written += result.outbox
         waited += result.waiting

@@ -17,8 +17,7 @@ from sync_service.config import Settings
 from sync_service.pipeline.batch import Batch
 from sync_service.pipeline.consume import DECODE_SLICE, ChangeConsumer
 from sync_service.pipeline.guard import Trip
-from sync_service.pipeline.plan import Needs
-from sync_service.pipeline.write import LostUpdate, ReadAhead, WriteResult
+from sync_service.pipeline.write import WriteResult
 from tests.factories import encode, user_event
 
 
@@ -77,25 +76,14 @@ class FakeKafka:
 
 @dataclass
 class HeldWriter:
-    """Holds every write until `release` is set, so a test decides when a batch commits;
-    records the reads ahead it was asked for and what each write was handed."""
+    """Holds every write until `release` is set, so a test decides when a batch commits."""
 
     release: asyncio.Event = field(default_factory=asyncio.Event)
     batches: list[int] = field(default_factory=list)
-    read: list[int] = field(default_factory=list)
-    handed: list[ReadAhead | None] = field(default_factory=list)
-
-    async def read_ahead(self, changes: list[Any]) -> ReadAhead:
-        self.read.append(len(changes))
-        return ReadAhead(Needs(frozenset(), frozenset(), frozenset()), {}, len(self.read))
 
     async def write(
-        self,
-        batch: Batch,
-        expected: Mapping[tuple[str, int], int | None],
-        ahead: ReadAhead | None = None,
+        self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
     ) -> WriteResult:
-        self.handed.append(ahead)
         await self.release.wait()
         self.batches.append(len(batch))
         return WriteResult(next_offsets=dict(batch.next_offsets))
@@ -128,57 +116,6 @@ async def test_a_partition_pauses_once_it_buffers_a_batch_while_one_is_written()
     assert writer.batches == [10, 10, 10, 5]
     assert consumer._expected[("users", 0)] == 35  # the next offset after the last record
     assert not kafka.paused
-
-
-async def test_the_full_batch_behind_the_one_in_flight_is_read_ahead_once_for_its_write() -> None:
-    settings = Settings(
-        users_topic="users", batch_max_events=10, poll_max_records=10, batch_max_wait_ms=5
-    )
-    kafka = FakeKafka([Record(i, b"1", encode(user_event(1, i))) for i in range(25)])
-    writer = HeldWriter()
-    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
-    consumer._consumer = kafka
-    consumer._expected[("users", 0)] = None
-    consumer._pending_due = float("inf")
-
-    # The first batch goes to the writer (held) unread; the second fills up behind it and
-    # is read once, however many steps it waits.
-    for _ in range(4):
-        await consumer._step(kafka)
-    assert writer.read == [10]
-    writer.release.set()
-    for _ in range(50):
-        await consumer._step(kafka)
-        if consumer._expected[("users", 0)] == 25:
-            break
-    assert writer.batches == [10, 10, 5]
-    # The second write gets its read; the last batch, never full behind a write, is not
-    # read ahead (nor is one a live stream cuts by age).
-    assert writer.read == [10]
-    assert [ahead and ahead.after for ahead in writer.handed] == [None, 1, None]
-
-
-async def test_a_retried_write_reads_its_rows_again_rather_than_reuse_its_read_ahead() -> None:
-    settings = Settings(users_topic="users", retry_initial_ms=1, retry_max_ms=1)
-    handed: list[ReadAhead | None] = []
-
-    class LosesTheFirstAttempt(HeldWriter):
-        async def write(
-            self,
-            batch: Batch,
-            expected: Mapping[tuple[str, int], int | None],
-            ahead: ReadAhead | None = None,
-        ) -> WriteResult:
-            handed.append(ahead)
-            if len(handed) == 1:
-                raise LostUpdate("user: wrote 0 of 1 rows")
-            return WriteResult(next_offsets=dict(batch.next_offsets))
-
-    writer = LosesTheFirstAttempt()
-    consumer = ChangeConsumer(settings, writer)  # type: ignore[arg-type]
-    read = asyncio.create_task(writer.read_ahead([]))
-    await consumer._write(Batch(next_offsets={("users", 0): 1}), read)
-    assert handed == [await read, None]
 
 
 async def test_a_backlog_is_decoded_a_slice_per_step_without_waiting_between() -> None:
@@ -278,10 +215,7 @@ async def test_positions_move_past_what_read_committed_skips_never_past_a_pendin
 
     class Writer:
         async def write(
-            self,
-            batch: Batch,
-            expected: Mapping[tuple[str, int], int | None],
-            ahead: ReadAhead | None = None,
+            self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
         ) -> WriteResult:
             stored.append(dict(batch.next_offsets))
             return WriteResult(next_offsets=dict(batch.next_offsets))
@@ -330,10 +264,7 @@ async def test_a_batch_that_ends_a_bounded_replay_makes_the_consumer_seek_and_fo
     @dataclass
     class EndsTheReplay(HeldWriter):
         async def write(
-            self,
-            batch: Batch,
-            expected: Mapping[tuple[str, int], int | None],
-            ahead: ReadAhead | None = None,
+            self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
         ) -> WriteResult:
             await super().write(batch, expected)
             return WriteResult(next_offsets={("users", 0): 100}, resumed={("users", 0): 100})
@@ -377,10 +308,7 @@ class GuardingWriter:
     batches: list[int] = field(default_factory=list)
 
     async def write(
-        self,
-        batch: Batch,
-        expected: Mapping[tuple[str, int], int | None],
-        ahead: ReadAhead | None = None,
+        self, batch: Batch, expected: Mapping[tuple[str, int], int | None]
     ) -> WriteResult:
         self.batches.append(len(batch))
         self.stored.update(batch.next_offsets)
