@@ -211,7 +211,8 @@ def versions(postgres: str, postgres_settings: dict[str, str]) -> dict[str, Any]
         REPO / ".cache" / "bench-peer" / "plugin" / "debezium-connector-jdbc",
         "debezium-connector-jdbc-",
     )
-    for package in ("sync-service", "aiokafka", "sqlalchemy", "asyncpg", "pydantic", "orjson"):
+    packages = ("sync-service", "aiokafka", "sqlalchemy", "asyncpg", "pydantic", "orjson", "uvloop")
+    for package in packages:
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
     found["aiokafka_c_extension"] = _aiokafka_c_extension()
