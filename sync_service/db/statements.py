@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, select
+from sqlalchemy import ColumnElement, Table, bindparam, func, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
@@ -23,9 +23,15 @@ def _unnest(table: Table, columns: Sequence[str]) -> Any:
     return select(*(source.c[n] for n in columns))
 
 
-def upsert_rows(table: Table, columns: Sequence[str]) -> Insert:
-    """Insert or replace rows by primary key, only where the stored version is lower."""
-    stmt = insert(table).from_select(list(columns), _unnest(table, columns))
+def upsert_rows(
+    table: Table, columns: Sequence[str], *, before: ColumnElement[Any] | None = None
+) -> Insert:
+    """Insert or replace rows by primary key, only where the stored version is lower.
+    `before` is evaluated once, before the first row is written (as an init plan)."""
+    source = _unnest(table, columns)
+    if before is not None:
+        source = source.where(select(before).scalar_subquery().is_not(None))
+    stmt = insert(table).from_select(list(columns), source)
     return stmt.on_conflict_do_update(
         index_elements=[c.name for c in table.primary_key.columns],
         set_={n: stmt.excluded[n] for n in columns if n != "id"},
