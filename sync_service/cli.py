@@ -76,9 +76,9 @@ def _settings() -> Settings:
 
 def _run(work: Coroutine[Any, Any, T]) -> T:
     """Run `work` on uvloop's event loop; turn any failure into one line and exit code 1
-    (2 for bad input). On the standard loop, the loop and its sockets are about a tenth
-    of the consumer's CPU; uvloop's cost the consumer and the relay 3-5% less CPU per
-    event (bench/README.md)."""
+    (2 for bad input). The standard loop and its sockets are about a tenth of the
+    consumer's CPU; on uvloop the consumer and the relay spend 3-5% less CPU per event
+    (bench/README.md)."""
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(work)

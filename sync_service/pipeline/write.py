@@ -73,8 +73,8 @@ its plan is a probe of the users' primary key whatever the statistics say, so it
 planned once. The batch's `NOTIFY`, which always follows written rows, switches back
 before anything that joins keys to a table."""
 _UPSERTS: dict[Entity, Insert] = {
-    "user": upsert_rows(User.__table__, COLUMNS["user"]),  # type: ignore[arg-type]
-    "order": upsert_rows(Order.__table__, COLUMNS["order"], before=_CHECK_PLANS_GENERIC),  # type: ignore[arg-type]
+    "user": upsert_rows(_TABLES["user"], COLUMNS["user"]),
+    "order": upsert_rows(_TABLES["order"], COLUMNS["order"], before=_CHECK_PLANS_GENERIC),
 }
 _OUTBOX = OutboxEvent.__table__
 _OUTBOX_COLUMNS = (
