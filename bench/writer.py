@@ -123,7 +123,7 @@ async def _check(engine: Any, workload: Workload) -> None:
         raise Wrong(f"{dead} dead letters stored, {expected.dead_letters} expected")
     if not expected.applied_at_least <= outbox <= expected.applied_at_most:
         raise Wrong(f"{outbox} outbox rows, outside [{expected.applied_at_least}, "
-                        f"{expected.applied_at_most}]")  # fmt: skip
+                    f"{expected.applied_at_most}]")  # fmt: skip
 
 
 def summary(rounds: Sequence[Round], events: int) -> dict[str, Any]:
