@@ -53,6 +53,7 @@ def make_engine(settings: Settings, *, application_name: str = APPLICATION_NAME)
     return create_async_engine(
         settings.database_url,
         pool_size=settings.pool_size,
+        pool_use_lifo=True,  # the batches keep to one warm server process
         max_overflow=settings.max_overflow,
         pool_pre_ping=settings.pool_pre_ping,
         pool_recycle=settings.pool_recycle,
