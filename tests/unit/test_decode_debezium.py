@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -510,3 +511,116 @@ def test_a_known_schema_decodes_as_a_new_one_does() -> None:
 @pytest.mark.parametrize("name", ["", "db/public.users/42/c/7/123", "bäse/ünïcode/1/u/None/5"])
 def test_the_event_id_is_the_uuid5_of_the_change_position(name: str) -> None:
     assert decode_debezium._event_id(name) == uuid.uuid5(decode_debezium._EVENT_IDS, name)
+
+
+def full(entity: Entity, record: tuple[bytes | None, bytes | None]) -> Any:
+    """What `decode` makes of `record` read whole, without the usual-upsert path."""
+    usual = decode_debezium._usual_upsert
+    decode_debezium._usual_upsert = lambda *_: None
+    try:
+        return run(entity, *record)
+    finally:
+        decode_debezium._usual_upsert = usual
+
+
+def same(entity: Entity, record: tuple[bytes | None, bytes | None]) -> Any:
+    """`record` decodes to the same result, to the repr (money's places, times' zones,
+    the row's column order), with the usual-upsert path as without it."""
+    got = run(entity, *record)
+    assert repr(got) == repr(full(entity, record))
+    return got
+
+
+@pytest.mark.parametrize("encoder", ENCODERS, ids=IDS)
+@pytest.mark.parametrize("op", ["c", "u", "r"])
+def test_a_usual_upsert_takes_the_short_path_to_the_same_change(
+    encoder: DebeziumEncoder, op: Op
+) -> None:
+    records: list[tuple[Entity, tuple[bytes, bytes]]] = [
+        ("user", encoder.encode(user_event(7, 1), lsn=LSN, tx_id=3, op=op)),
+        ("user", encoder.encode(user_event(8, 1, country=None), lsn=LSN, tx_id=3, op=op)),
+        ("order", encoder.encode(order_event(9, 7, 1, total="12.5"), lsn=LSN, tx_id=3, op=op)),
+        ("order", encoder.encode(order_event(10, 7, 1, total="0"), lsn=LSN + 1, tx_id=4, op=op)),
+    ]
+    for entity, record in records:
+        same(entity, record)  # the first of each entity teaches the key's and schema's shape
+        short = decode_debezium._usual_upsert(entity, Source(TOPIC[entity], 1, 9), *record, 8)
+        assert short is not None, record
+        assert repr(short) == repr(full(entity, record))
+
+
+@pytest.mark.parametrize("schemas", [True, False], ids=["schemas", "plain"])
+def test_records_off_the_usual_shape_decode_as_they_did(schemas: bool) -> None:
+    encoder = DebeziumEncoder(schemas=schemas)
+    key, value = encoder.encode(order_event(9, 7, 1), lsn=LSN, tx_id=3)
+    same("order", (key, value))
+    at = value.index(b'"op":')
+    cases = [
+        value[:at] + b'"x":NaN,' + value[at:],  # not JSON: pydantic-core alone would skip it
+        value[:at] + b'"x":1e999,' + value[at:],
+        value[:at] + b'"x":[[[[[[[[1]]]]]]]],' + value[at:],  # too deep
+        value.replace(b'"txId":3', b'"txId":3.0'),  # a float in the event id's text
+        value.replace(b'"txId":3', b'"txId":true'),
+        value.replace(b'"db":"source"', b'"db":["source"]'),
+        value.replace(b'"lsn":', b'"lsn":-'),
+        value.replace(b'"connector":"postgresql"', b'"connector":"mysql"'),
+        value.replace(b"T03:04:05Z", b"T03:04:05"),  # no zone
+        value.replace(b'"currency":"EUR"', b'"currency":"eur"'),
+    ]
+    for bent in cases:
+        assert bent != value
+        assert isinstance(same("order", (key, bent)), DeadLetter | Change)
+    keys = [b"9", b'{"id":10}', key.replace(b'"id":9', b'"id":9.0'), None, key[:-1] + b" }"]
+    assert [type(same("order", (k, value))).__name__ for k in keys] == [
+        *["DeadLetter"] * 4,
+        "Change",  # JSON all the same, read whole
+    ]
+
+
+@given(
+    op=st.sampled_from(["c", "u", "r", "d", "x"]),
+    field=st.sampled_from(
+        ["id", "email", "name", "active", "country", "created_at", "total", "user_id", "status"]
+    ),
+    value=JSON,
+    origin=st.sampled_from(["db", "txId", "lsn", "ts_ms", "table"]),
+    mark=JSON,
+)
+def test_a_mangled_upsert_decodes_the_same_by_either_path(
+    op: str, field: str, value: Any, origin: str, mark: Any
+) -> None:
+    for entity, envelope in (("user", user_event(7, 1)), ("order", order_event(9, 7, 1))):
+        for schemas in (True, False):
+            record = DebeziumEncoder(schemas=schemas).encode(envelope, lsn=LSN, tx_id=3)
+            same(entity, record)  # type: ignore[arg-type]
+            mangled = edit(record, lambda p: (
+                p.update({"op": op}), p["after"].update({field: value}),
+                p["source"].update({origin: mark}),
+            ))  # fmt: skip
+            same(entity, mangled)  # type: ignore[arg-type]
+
+
+def test_a_key_seen_before_is_still_held_to_the_caps() -> None:
+    """A key whose shape is known is taken as the connector's only within the same depth
+    and size caps as any other key."""
+    encoder = DebeziumEncoder()
+    plain = DebeziumEncoder(schemas=False)
+    key, _ = encoder.encode(user_event(7, 1), lsn=LSN, tx_id=3)
+    _, value = plain.encode(user_event(7, 1), lsn=LSN, tx_id=3)  # 2 levels; the key 4
+    assert isinstance(same("user", (key, value)), Change)
+    shallow = decode(
+        entity="user", topic=TOPIC["user"], partition=1, offset=9, key=key, value=value,
+        limits=replace(LIMITS, max_depth=3),
+    )  # fmt: skip
+    assert isinstance(shallow, DeadLetter)
+    assert shallow.kind == "too_deep"
+
+    document = orjson.loads(key)
+    document["schema"]["name"] += "x" * (decode_debezium.MAX_KEY_BYTES - len(key))
+    longest = orjson.dumps(document)  # the longest key the decoder reads
+    assert len(longest) == decode_debezium.MAX_KEY_BYTES
+    assert isinstance(same("user", (longest, value)), Change)
+    big_id = 10**18
+    _, big_value = plain.encode(user_event(big_id, 1), lsn=LSN, tx_id=3)
+    over = longest.replace(b'{"id":7}}', b'{"id":%d}}' % big_id)
+    assert isinstance(same("user", (over, big_value)), DeadLetter)
