@@ -224,7 +224,7 @@ def _usual_upsert(
     schema seen before, or none; its times as text; its key as the connector writes it.
     The payload is validated in one pass, by the rules `_decode` applies (the row's
     through the native schema's own fields), and the result is the change `_decode`
-    would return (`python -m bench.debezium`: ~30% of the decoding).
+    would return, for about a third less decoding (`python -m bench.debezium`).
     None for any other record, whatever is wrong with it: `_decode` then reads it, and
     names the fault."""
     seen = _seen_schema(value, entity)
