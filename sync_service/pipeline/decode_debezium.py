@@ -15,6 +15,7 @@ import base64
 import binascii
 import hashlib
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, NotRequired, get_type_hints
@@ -57,6 +58,14 @@ def _event_id(name: str) -> uuid.UUID:
     sha = _EVENT_IDS_SHA1.copy()
     sha.update(name.encode())
     return uuid.UUID(bytes=sha.digest()[:16], version=5)
+
+
+def _change_id(origin: Mapping[str, Any], entity_id: Any, op: str) -> uuid.UUID:
+    """The event id of a change, from its position in the source (whichever path read it)."""
+    return _event_id(
+        f"{origin.get('db')}/{origin.get('schema')}.{origin.get('table')}/{entity_id}/{op}"
+        f"/{origin.get('txId')}/{origin.get('lsn')}"
+    )
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -143,10 +152,7 @@ def _decode(
         data = _row(entity, after, columns)
         entity_id = data.get("id")
     _check_key(entity, key, entity_id, limits.max_depth)
-    event_id = _event_id(
-        f"{origin.get('db')}/{origin.get('schema')}.{origin.get('table')}/{entity_id}/{op}"
-        f"/{origin.get('txId')}/{origin.get('lsn')}"
-    )
+    event_id = _change_id(origin, entity_id, op)
     envelope = {
         "event_id": event_id,
         "entity": entity,
@@ -264,10 +270,7 @@ def _usual_upsert(
         return None
     origin, op = event["source"], event["op"]
     lsn = origin["lsn"]
-    event_id = _event_id(
-        f"{origin.get('db')}/{origin.get('schema')}.{origin.get('table')}/{entity_id}/{op}"
-        f"/{origin.get('txId')}/{lsn}"
-    )
+    event_id = _change_id(origin, entity_id, op)
     occurred_at = _EPOCH + timedelta(milliseconds=origin["ts_ms"])
     envelope: Any = {  # in the order of the envelope's schema, as validated
         "event_id": event_id, "version": lsn, "occurred_at": occurred_at, "entity": entity,
