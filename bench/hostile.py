@@ -86,6 +86,9 @@ def corpus(user_id: int = 7, seed: int = 13) -> list[Hostile]:
         Hostile("invalid UTF-8", key, good.replace(b"User ", b"User \xff\xfe"), "not_json"),
         Hostile("NaN version", key, good.replace(b'"version":1', b'"version":NaN'), "not_json"),
         Hostile("null fields", key, orjson.dumps(nulls), "invalid"),
+        # PostgreSQL's text cannot hold U+0000: not in a row, nor in a dead letter's reason.
+        Hostile("NUL in a name", key, good.replace(b'"User ', b'"User \\u0000'), "invalid"),
+        Hostile("NUL in the op", key, good.replace(b'"upsert"', b'"up\\u0000sert"'), "invalid"),
         Hostile("no entity", key, orjson.dumps(no_entity), "invalid"),
         Hostile("null value (tombstone)", key, None, "empty"),
         Hostile("no key", None, good, "bad_key"),

@@ -51,6 +51,16 @@ def _email(value: str) -> str:
 Email = Annotated[
     str, Field(max_length=255, json_schema_extra={"format": "email"}), AfterValidator(_email)
 ]
+
+
+def _storable(value: str) -> str:
+    """PostgreSQL's text cannot hold U+0000: a row with it could never be written."""
+    if "\x00" in value:
+        raise ValueError("contains U+0000 (a NUL character), which a text column cannot store")
+    return value
+
+
+Name = Annotated[str, Field(strict=True, min_length=1, max_length=255), AfterValidator(_storable)]
 Timestamp = Annotated[AwareDatetime, Field(strict=True)]
 """Strict: only an RFC 3339 string with a zone (a bare number would be epoch seconds)."""
 EntityId = Annotated[int, Field(strict=True, gt=0, le=2**63 - 1)]
@@ -85,7 +95,7 @@ class UserData(TypedDict):
 
     id: EntityId
     email: Email
-    name: Annotated[str, Field(strict=True, min_length=1, max_length=255)]
+    name: Name
     active: StrictBool
     country: NotRequired[Country]
     created_at: Timestamp

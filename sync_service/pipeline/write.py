@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from base64 import b64encode
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -397,6 +397,7 @@ class BatchWriter:
     ) -> None:
         """Insert the letters not stored yet (a replay re-reads some); with
         `SYNC_DLQ_TOPIC`, each new one also gets an outbox row for the relay to publish."""
+        dead = [_storable(d) for d in dead]
         rows = [
             {
                 "topic": d.source.topic,
@@ -559,6 +560,19 @@ def _headers_document(headers: Sequence[tuple[str, bytes | None]]) -> list[list[
     if not headers:
         return None
     return [[name, None if value is None else b64encode(value).decode()] for name, value in headers]
+
+
+def _storable(letter: DeadLetter) -> DeadLetter:
+    """`letter` as PostgreSQL can store it: U+0000, which no text or jsonb value holds,
+    becomes U+FFFD in its reason (which may quote the record) and in its headers' names
+    (the producer's). Its key and value are bytes, kept whole."""
+    if "\x00" not in letter.reason and not any("\x00" in name for name, _ in letter.headers):
+        return letter
+    return replace(
+        letter,
+        reason=letter.reason.replace("\x00", "\ufffd"),
+        headers=tuple((name.replace("\x00", "\ufffd"), value) for name, value in letter.headers),
+    )
 
 
 def _pending_row(waiting: Waiting) -> dict[str, Any]:

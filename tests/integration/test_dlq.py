@@ -110,10 +110,12 @@ async def test_show_keeps_headers_and_shows_binary_safely(
     await create_topics(settings, partitions=1)
     binary = b"\x1b[31m\x00\xff{"  # an escape sequence must never reach the terminal
     headers = [("trace-id", b"abc-123"), ("blob", b"\x00\x01\xfe"), ("trace-id", b"again")]
-    await produce_to(settings, 0, [(b"7", binary, headers), (b"8", b"{not json", [])])
+    nul = [("nul\x00name", b"v")]  # PostgreSQL cannot store U+0000 in the jsonb
+    records: list[Record] = [(b"7", binary, headers), (b"8", b"{not json", []), (b"9", b"{", nul)]
+    await produce_to(settings, 0, records)
     async with running(settings):
-        await wait_until(lambda: _letters(engine, 2), what="two dead letters")
-    first, second = (
+        await wait_until(lambda: _letters(engine, 3), what="three dead letters")
+    first, second, third = (
         row[0] for row in await rows(engine, "SELECT id FROM dead_letters ORDER BY id")
     )
 
@@ -142,6 +144,9 @@ async def test_show_keeps_headers_and_shows_binary_safely(
     text = await cli(settings, "dlq", "show", str(second))
     assert "headers:   (none)" in text.stdout.splitlines()
     assert text.stdout.endswith("UTF-8 text:\n{not json\n")
+
+    replaced = await cli(settings, "dlq", "show", str(third))
+    assert "headers:   'nul\ufffdname': 'v'" in replaced.stdout.splitlines()
 
     missing = await cli(settings, "dlq", "show", "4040")
     assert missing.failed_with_one_line() == "sync-service: no dead letter with id 4040"

@@ -323,6 +323,7 @@ INVALID_USERS: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("empty name", user_event(7, 1, name=""), "data.name"),
     ("name too long", user_event(7, 1, name="n" * 256), "data.name"),
+    ("name holding U+0000", user_event(7, 1, name="a\x00b"), "data.name"),
     ("active as text", user_event(7, 1, active="yes"), "data.active"),
     ("country lowercase", user_event(7, 1, country="gb"), "data.country"),
     (
