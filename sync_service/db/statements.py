@@ -1,8 +1,9 @@
 """Set-based statements: one statement writes a whole batch's rows of a table.
 
-Rows travel as one array per column and are unnested server-side, or, where they are
-only appended, by binary COPY; so a batch costs a handful of round trips whatever its
-size. Upserts are version-guarded: a row is only replaced by a strictly higher version.
+Upserted rows travel as one JSON document (an array of objects), which the server turns
+into typed rows, and appended rows by binary COPY; so a batch costs a handful of round
+trips whatever its size. Upserts are version-guarded: a row is only replaced by a
+strictly higher version.
 """
 
 from __future__ import annotations
@@ -10,16 +11,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, bindparam, func, select
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy import JSON, ColumnElement, Table, bindparam, column, func, select
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
 
 
-def _unnest(table: Table, columns: Sequence[str]) -> Any:
-    """`SELECT * FROM unnest(:c1, :c2, ...)`, each bound as an array of the column type."""
-    params = [bindparam(name, type_=ARRAY(table.c[name].type)) for name in columns]
-    source = func.unnest(*params).table_valued(*columns).render_derived()
+def _records(table: Table, columns: Sequence[str]) -> Any:
+    """`SELECT ... FROM json_to_recordset(:rows) AS r(c1 type1, ...)`: the rows of one JSON
+    array of objects, each field read by its column type's own input function (a key
+    left out is NULL, any other is ignored).
+
+    One JSON document instead of an array per column: orjson writes a batch in one pass
+    in C, where the driver's array encoder checks every element against the abstract
+    collection types in Python and reads each time's zone. In a drain the consumer spends
+    about 8% less CPU an event and PostgreSQL, parsing, about 8% more; the drain runs
+    about 5% faster (bench/README.md)."""
+    typed = [column(name, table.c[name].type) for name in columns]
+    source = func.json_to_recordset(bindparam("rows", type_=JSON)).table_valued(*typed)
+    source = source.render_derived(with_types=True)
     return select(*(source.c[n] for n in columns))
 
 
@@ -27,8 +37,10 @@ def upsert_rows(
     table: Table, columns: Sequence[str], *, before: ColumnElement[Any] | None = None
 ) -> Insert:
     """Insert or replace rows by primary key, only where the stored version is lower.
-    `before` is evaluated once, before the first row is written (as an init plan)."""
-    source = _unnest(table, columns)
+    Its one parameter, `rows`, is the rows as dicts (JSON-encoded by the engine's
+    serializer). `before` is evaluated once, before the first row is written (as an init
+    plan)."""
+    source = _records(table, columns)
     if before is not None:
         source = source.where(select(before).scalar_subquery().is_not(None))
     stmt = insert(table).from_select(list(columns), source)
@@ -37,11 +49,6 @@ def upsert_rows(
         set_={n: stmt.excluded[n] for n in columns if n != "id"},
         where=table.c.version < stmt.excluded.version,
     )
-
-
-def as_arrays(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, list[Any]]:
-    """Column-wise parameters for a statement built above."""
-    return {name: [row[name] for row in rows] for name in columns}
 
 
 async def copy_rows(

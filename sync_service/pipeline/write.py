@@ -51,7 +51,7 @@ from sync_service.db.models import (
     PendingChange,
     User,
 )
-from sync_service.db.statements import as_arrays, copy_rows, upsert_rows
+from sync_service.db.statements import copy_rows, upsert_rows
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.events.dead_letter import DEAD_LETTER, outbox_payload
 from sync_service.events.dead_letter import event_id as dead_letter_event_id
@@ -485,7 +485,7 @@ async def _upsert(session: AsyncSession, todo: Plan, result: WriteResult) -> Non
         rows = todo.rows[entity]
         if not rows:
             continue
-        done = await session.execute(_UPSERTS[entity], as_arrays(rows, COLUMNS[entity]))
+        done = await session.execute(_UPSERTS[entity], {"rows": rows})
         if done.rowcount != len(rows):  # type: ignore[attr-defined]
             raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
         result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)

@@ -13,8 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from sync_service.config import Settings
 from sync_service.db.engine import make_engine, make_sessionmaker
-from sync_service.db.statements import as_arrays
-from sync_service.pipeline.plan import COLUMNS
 from sync_service.pipeline.write import _NOTIFY, _UPSERTS
 
 pytestmark = pytest.mark.integration
@@ -41,9 +39,9 @@ async def test_the_orders_upsert_plans_its_checks_once_and_the_notify_restores_c
     try:
         async with make_sessionmaker(engine)() as session, session.begin():
             assert await plan_mode(session) == "force_custom_plan"
-            await session.execute(_UPSERTS["user"], as_arrays([USER], COLUMNS["user"]))
+            await session.execute(_UPSERTS["user"], {"rows": [USER]})
             assert await plan_mode(session) == "force_custom_plan"
-            done = await session.execute(_UPSERTS["order"], as_arrays([ORDER], COLUMNS["order"]))
+            done = await session.execute(_UPSERTS["order"], {"rows": [ORDER]})
             assert done.rowcount == 1  # type: ignore[attr-defined]
             assert await plan_mode(session) == "force_generic_plan"
             await session.execute(_NOTIFY)

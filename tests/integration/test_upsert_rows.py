@@ -1,0 +1,87 @@
+"""A batch's rows reach their tables exactly as planned: the upsert's one JSON document
+(`db.statements`) keeps every value, the extremes of each column's type included, and a
+row is replaced only by a higher version."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import text
+
+from sync_service.config import Settings
+from sync_service.db.engine import make_engine, make_sessionmaker
+from sync_service.pipeline.plan import COLUMNS
+from sync_service.pipeline.write import _UPSERTS
+
+BIGGEST = 2**63 - 1
+DAY = datetime(2026, 1, 2, tzinfo=UTC)
+INDIA = timezone(timedelta(hours=5, minutes=30))
+NEWFOUNDLAND = timezone(-timedelta(hours=3, minutes=30))
+USERS: list[dict[str, Any]] = [
+    {
+        "id": BIGGEST, "email": "o'neil+\"q\"@例え.jp", "active": False, "country": None,
+        "name": 'quote " backslash \\ newline \n tab \t emoji 🦆 U+2028 \u2028 rtl مرحبا',
+        "created_at": datetime(1, 1, 1, tzinfo=UTC),
+        "updated_at": datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        "version": BIGGEST, "deleted_at": None,
+    },
+    {
+        "id": 1, "email": "a@example.com", "name": "n" * 255, "active": True, "country": "GB",
+        "created_at": datetime(2026, 1, 2, 3, 4, 5, 1, tzinfo=INDIA),
+        "updated_at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=NEWFOUNDLAND),
+        "version": 0, "deleted_at": datetime(2026, 6, 1, 0, 0, 0, 500_000, tzinfo=UTC),
+    },
+]  # fmt: skip
+ORDERS: list[dict[str, Any]] = [
+    {
+        "id": BIGGEST, "user_id": BIGGEST, "total": Decimal("999999999999.99"), "currency": "EUR",
+        "status": "refunded", "created_at": DAY, "updated_at": DAY, "version": 3,
+        "deleted_at": None,
+    },
+    {
+        "id": 1, "user_id": 1, "total": Decimal("0.00"), "currency": "JPY", "status": "pending",
+        "created_at": DAY, "updated_at": DAY,
+        "version": 1, "deleted_at": None,
+    },
+]  # fmt: skip
+
+
+async def _stored(settings: Settings, table: str, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    engine = make_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            found = await connection.execute(
+                text(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id DESC")
+            )
+            return [dict(zip(columns, row, strict=True)) for row in found]
+    finally:
+        await engine.dispose()
+
+
+async def _upsert(
+    settings: Settings, users: list[dict[str, Any]], orders: list[dict[str, Any]]
+) -> None:
+    engine = make_engine(settings)
+    try:
+        async with make_sessionmaker(engine)() as session, session.begin():
+            if users:
+                await session.execute(_UPSERTS["user"], {"rows": users})
+            await session.execute(_UPSERTS["order"], {"rows": orders})
+    finally:
+        await engine.dispose()
+
+
+async def test_every_value_is_stored_as_it_was_planned(settings: Settings) -> None:
+    await _upsert(settings, USERS, ORDERS)
+    assert await _stored(settings, "users", COLUMNS["user"]) == USERS
+    assert await _stored(settings, "orders", COLUMNS["order"]) == ORDERS
+
+
+async def test_a_row_is_replaced_only_by_a_higher_version(settings: Settings) -> None:
+    await _upsert(settings, USERS, ORDERS)
+    older = {**ORDERS[0], "version": 2, "status": "paid"}
+    newer = {**ORDERS[1], "version": 2, "total": Decimal("12.50")}
+    await _upsert(settings, [], [older, newer])
+    assert await _stored(settings, "orders", COLUMNS["order"]) == [ORDERS[0], newer]
