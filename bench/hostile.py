@@ -199,7 +199,8 @@ def table(figures: Sequence[Figure]) -> str:
         "| --- | ---: | --- | ---: | ---: | --- |",
     ]
     for f in figures:
-        reason = f.reason if len(f.reason) <= 70 else f.reason[:69] + "…"
+        reason = f.reason.replace("\x00", "\ufffd")  # as stored (`write._storable`)
+        reason = reason if len(reason) <= 70 else reason[:69] + "…"
         lines.append(
             f"| {f.name} | {f.size:,} | `{f.kind}` | {f.median_ms:.3f} ms | {f.max_ms:.3f} ms "
             f"| {reason.replace('|', '/')} |"
