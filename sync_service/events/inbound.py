@@ -53,14 +53,14 @@ Email = Annotated[
 ]
 
 
-def _storable(value: str) -> str:
+def _no_nul(value: str) -> str:
     """PostgreSQL's text cannot hold U+0000: a row with it could never be written."""
     if "\x00" in value:
         raise ValueError("contains U+0000 (a NUL character), which a text column cannot store")
     return value
 
 
-Name = Annotated[str, Field(strict=True, min_length=1, max_length=255), AfterValidator(_storable)]
+Name = Annotated[str, Field(strict=True, min_length=1, max_length=255), AfterValidator(_no_nul)]
 Timestamp = Annotated[AwareDatetime, Field(strict=True)]
 """Strict: only an RFC 3339 string with a zone (a bare number would be epoch seconds)."""
 EntityId = Annotated[int, Field(strict=True, gt=0, le=2**63 - 1)]

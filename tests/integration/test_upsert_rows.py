@@ -42,8 +42,7 @@ ORDERS: list[dict[str, Any]] = [
     },
     {
         "id": 1, "user_id": 1, "total": Decimal("0.00"), "currency": "JPY", "status": "pending",
-        "created_at": DAY, "updated_at": DAY,
-        "version": 1, "deleted_at": None,
+        "created_at": DAY, "updated_at": DAY, "version": 1, "deleted_at": None,
     },
 ]  # fmt: skip
 
