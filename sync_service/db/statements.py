@@ -9,6 +9,7 @@ strictly higher version.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import UTC, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import JSON, ColumnElement, Table, bindparam, column, func, select
@@ -49,6 +50,27 @@ def upsert_rows(
         set_={n: stmt.excluded[n] for n in columns if n != "id"},
         where=table.c.version < stmt.excluded.version,
     )
+
+
+_READABLE_OFFSET = timedelta(hours=16)
+
+
+def readable_times(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Make the times in `columns` of `rows` readable by `upsert_rows`, in place.
+    PostgreSQL reads a time's text only with a UTC offset under 16 hours, where RFC 3339
+    allows up to 23:59 (no zone has one): such a time becomes the same instant in UTC.
+    Each zone is checked once (the validator shares one object per offset), so a row
+    costs a few tenths of a microsecond."""
+    readable: set[tzinfo] = set()
+    for row in rows:
+        for name in columns:
+            moment = row[name]
+            if moment is None or moment.tzinfo in readable:
+                continue
+            if abs(moment.utcoffset()) < _READABLE_OFFSET:
+                readable.add(moment.tzinfo)
+            else:
+                row[name] = moment.astimezone(UTC)
 
 
 async def copy_rows(

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.dml import Insert
-from sqlalchemy.types import BigInteger, Boolean, Integer, String, Text
+from sqlalchemy.types import BigInteger, Boolean, DateTime, Integer, String, Text
 
 from sync_service.db.models import (
     ConsumerOffset,
@@ -51,7 +51,7 @@ from sync_service.db.models import (
     PendingChange,
     User,
 )
-from sync_service.db.statements import copy_rows, upsert_rows
+from sync_service.db.statements import copy_rows, readable_times, upsert_rows
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.events.dead_letter import DEAD_LETTER, outbox_payload
 from sync_service.events.dead_letter import event_id as dead_letter_event_id
@@ -72,6 +72,10 @@ the connection's `force_custom_plan` (see `db.engine`), a tenth of its CPU in a 
 its plan is a probe of the users' primary key whatever the statistics say, so it is
 planned once. The batch's `NOTIFY`, which always follows written rows, switches back
 before anything that joins keys to a table."""
+_TIMES: dict[Entity, tuple[str, ...]] = {
+    entity: tuple(c.name for c in table.c if isinstance(c.type, DateTime))
+    for entity, table in _TABLES.items()
+}
 _UPSERTS: dict[Entity, Insert] = {
     "user": upsert_rows(_TABLES["user"], COLUMNS["user"]),
     "order": upsert_rows(_TABLES["order"], COLUMNS["order"], before=_CHECK_PLANS_GENERIC),
@@ -360,6 +364,8 @@ class BatchWriter:
         result = WriteResult(waiting=len(todo.wait), dead=len(batch.dead))
         for change in todo.stale:
             result.stale[change.entity] += 1
+        for entity, rows in todo.rows.items():  # before the outbox rows are built from them
+            readable_times(rows, _TIMES[entity])
         # PostgreSQL writes the rows while this process builds the outbox rows.
         upserting = asyncio.ensure_future(_upsert(session, todo, result))
         try:

@@ -1,6 +1,7 @@
 """A batch's rows reach their tables exactly as planned: the upsert's one JSON document
-(`db.statements`) keeps every value, the extremes of each column's type included, and a
-row is replaced only by a higher version."""
+(`db.statements`) keeps every value, the extremes of each column's type included (a
+time's offset too large for PostgreSQL's reader among them), and a row is replaced only
+by a higher version."""
 
 from __future__ import annotations
 
@@ -8,12 +9,17 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from sqlalchemy import text
 
 from sync_service.config import Settings
 from sync_service.db.engine import make_engine, make_sessionmaker
+from sync_service.events.change import Change
+from sync_service.pipeline.batch import BatchBuilder
+from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.plan import COLUMNS
-from sync_service.pipeline.write import _UPSERTS
+from sync_service.pipeline.write import _UPSERTS, BatchWriter
+from tests.factories import encode, user_event
 
 BIGGEST = 2**63 - 1
 DAY = datetime(2026, 1, 2, tzinfo=UTC)
@@ -84,3 +90,31 @@ async def test_a_row_is_replaced_only_by_a_higher_version(settings: Settings) ->
     newer = {**ORDERS[1], "version": 2, "total": Decimal("12.50")}
     await _upsert(settings, [], [older, newer])
     assert await _stored(settings, "orders", COLUMNS["order"]) == [ORDERS[0], newer]
+
+
+async def test_a_time_whose_offset_postgresql_cannot_read_is_stored_as_the_same_instant(
+    settings: Settings,
+) -> None:
+    # RFC 3339 allows offsets up to 23:59; PostgreSQL reads a time's text only under 16:00.
+    far = user_event(7, 1, created_at="2026-01-02T03:04:05+20:00")
+    far["data"]["updated_at"] = "2026-01-02T03:04:05.5-23:59"
+    change = decode(entity="user", topic="t", partition=0, offset=0, key=b"7",
+                    value=encode(far), limits=Limits.of(settings))  # fmt: skip
+    assert isinstance(change, Change)
+    builder = BatchBuilder(max_events=10, max_wait_s=1)
+    builder.add(change, now=0)
+    engine = make_engine(settings)
+    try:
+        writer = BatchWriter(make_sessionmaker(engine), "g", pending_load_limit=10)
+        await writer.write(builder.take(), {("t", 0): None})
+        async with engine.connect() as connection:
+            found = await connection.execute(text("SELECT payload::text FROM outbox"))
+            payload = orjson.loads(found.scalar_one())
+    finally:
+        await engine.dispose()
+    [stored] = await _stored(settings, "users", ("created_at", "updated_at"))
+    assert stored == {
+        "created_at": datetime(2026, 1, 1, 7, 4, 5, tzinfo=UTC),
+        "updated_at": datetime(2026, 1, 3, 3, 3, 5, 500_000, tzinfo=UTC),
+    }
+    assert payload["data"]["created_at"] == "2026-01-01T07:04:05+00:00"  # as stored
