@@ -26,6 +26,7 @@ from aiokafka.record.memory_records import MemoryRecords
 from sync_service.config import Settings
 from sync_service.events.change import DeadLetter
 from sync_service.pipeline.decode import Limits, decode
+from sync_service.pipeline.write import storable_text
 
 MB = 1 << 20
 
@@ -199,7 +200,7 @@ def table(figures: Sequence[Figure]) -> str:
         "| --- | ---: | --- | ---: | ---: | --- |",
     ]
     for f in figures:
-        reason = f.reason.replace("\x00", "\ufffd")  # as stored (`write._storable`)
+        reason = storable_text(f.reason)  # as stored
         reason = reason if len(reason) <= 70 else reason[:69] + "…"
         lines.append(
             f"| {f.name} | {f.size:,} | `{f.kind}` | {f.median_ms:.3f} ms | {f.max_ms:.3f} ms "

@@ -568,16 +568,22 @@ def _headers_document(headers: Sequence[tuple[str, bytes | None]]) -> list[list[
     return [[name, None if value is None else b64encode(value).decode()] for name, value in headers]
 
 
+def storable_text(text: str) -> str:
+    """`text` as PostgreSQL can store it: U+0000, which no text or jsonb value holds,
+    becomes U+FFFD."""
+    return text.replace("\x00", "\ufffd")
+
+
 def _storable(letter: DeadLetter) -> DeadLetter:
-    """`letter` as PostgreSQL can store it: U+0000, which no text or jsonb value holds,
-    becomes U+FFFD in its reason (which may quote the record) and in its headers' names
-    (the producer's). Its key and value are bytes, kept whole."""
+    """`letter` as PostgreSQL can store it (`storable_text`): its reason may quote the
+    record, and its headers' names are the producer's. Its key and value are bytes, kept
+    whole."""
     if "\x00" not in letter.reason and not any("\x00" in name for name, _ in letter.headers):
         return letter
     return replace(
         letter,
-        reason=letter.reason.replace("\x00", "\ufffd"),
-        headers=tuple((name.replace("\x00", "\ufffd"), value) for name, value in letter.headers),
+        reason=storable_text(letter.reason),
+        headers=tuple((storable_text(name), value) for name, value in letter.headers),
     )
 
 
