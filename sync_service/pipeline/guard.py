@@ -13,12 +13,11 @@ letters that tripped the guard are not counted again.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Table, func, select, tuple_
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import BigInteger, Integer, Table, Text, bindparam, func, select, true, tuple_
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sync_service.db.models import DeadLetterRow, PartitionGuard
@@ -26,6 +25,50 @@ from sync_service.pipeline.batch import Batch, TopicPartition
 
 _LETTERS = DeadLetterRow.__table__
 _GUARDS: Table = PartitionGuard.__table__  # type: ignore[assignment]
+_CHECKED = (
+    func.unnest(
+        bindparam("topics", type_=ARRAY(Text)),
+        bindparam("partitions", type_=ARRAY(Integer)),
+        bindparam("ends", type_=ARRAY(BigInteger)),
+    )
+    .table_valued("topic", "partition", "end")
+    .render_derived(name="checked")
+)
+_STORED = (
+    select(_GUARDS.c.window_from, _GUARDS.c.paused_at)
+    .where(_GUARDS.c.group_id == bindparam("group_id"))
+    .where(_GUARDS.c.topic == _CHECKED.c.topic, _GUARDS.c.partition == _CHECKED.c.partition)
+    .lateral("stored")
+)
+_START = func.greatest(
+    func.coalesce(_STORED.c.window_from, 0), _CHECKED.c.end - bindparam("window", type_=BigInteger)
+)
+_KINDS = (
+    # Unique (topic, partition, offset): an index range scan of at most `window` rows.
+    select(
+        _LETTERS.c.kind, func.count().label("count"), func.min(_LETTERS.c.reason).label("reason")
+    )
+    .where(_LETTERS.c.topic == _CHECKED.c.topic, _LETTERS.c.partition == _CHECKED.c.partition)
+    .where(_LETTERS.c.offset >= _START, _LETTERS.c.offset < _CHECKED.c.end)
+    .group_by(_LETTERS.c.kind)
+    .lateral("kinds")
+)
+_WINDOWS = (
+    select(
+        _CHECKED.c.topic,
+        _CHECKED.c.partition,
+        _STORED.c.paused_at.is_not(None),
+        _KINDS.c.kind,
+        _KINDS.c.count,
+        _KINDS.c.reason,
+    )
+    .select_from(_CHECKED)
+    .outerjoin(_STORED, true())
+    .outerjoin(_KINDS, true())
+)
+"""Per partition checked (arrays `topics`, `partitions`, `ends`): whether the guard holds
+it already, and the dead letters of its window by kind (one row of NULLs if none): from
+its stored `window_from` (0 if none) or `end - window`, whichever is later, up to `end`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,62 +107,53 @@ class DeadLetterGuard:
 
     async def check(self, session: AsyncSession, batch: Batch) -> list[Trip]:
         """After `batch`'s dead letters are inserted (same transaction): the partitions
-        it tips over the ratio, now stored as paused."""
-        per_partition = Counter((d.source.topic, d.source.partition) for d in batch.dead)
-        if not per_partition or self._most >= self._window:
+        it tips over the ratio, now stored as paused. Every partition's window is read in
+        one statement, whatever the number of partitions."""
+        partitions = sorted({(d.source.topic, d.source.partition) for d in batch.dead})
+        if not partitions or self._most >= self._window:
             return []
-        partitions = sorted(per_partition)
-        stored = await session.execute(
-            select(_GUARDS.c.topic, _GUARDS.c.partition, _GUARDS.c.window_from, _GUARDS.c.paused_at)
-            .where(_GUARDS.c.group_id == self._group_id)
-            .where(tuple_(_GUARDS.c.topic, _GUARDS.c.partition).in_(partitions))
+        rows = await session.execute(
+            _WINDOWS,
+            {
+                "group_id": self._group_id,
+                "window": self._window,
+                "topics": [t for t, _ in partitions],
+                "partitions": [p for _, p in partitions],
+                "ends": [batch.next_offsets[tp] for tp in partitions],
+            },
         )
-        starts: dict[TopicPartition, int] = {}
-        for topic, partition, window_from, paused_at in stored:
-            starts[(topic, partition)] = window_from if paused_at is None else -1
+        kinds: dict[TopicPartition, list[tuple[str, int, str]]] = {}
+        for topic, partition, paused, kind, count, reason in rows:
+            found = kinds.setdefault((topic, partition), [])
+            if not paused and kind is not None:  # paused: by a batch read before it was stored
+                found.append((kind, count, reason))
         trips = []
-        for tp in partitions:
-            start = starts.get(tp, 0)
-            if start < 0:
-                continue  # already paused (a batch read before the pause was stored)
-            end = batch.next_offsets[tp]
-            trip = await self._judge(session, tp, max(start, end - self._window), end)
-            if trip is not None:
-                trips.append(trip)
+        for (topic, partition), found in sorted(kinds.items()):
+            dead = sum(count for _, count, _ in found)
+            if dead <= self._most:
+                continue
+            kind, _, reason = min(found, key=lambda k: (-k[1], k[0]))
+            trip = Trip(topic, partition, dead, self._window, kind, reason)
+            await self._pause(session, trip)
+            trips.append(trip)
         return trips
 
-    async def _judge(
-        self, session: AsyncSession, tp: TopicPartition, start: int, end: int
-    ) -> Trip | None:
-        # Unique (topic, partition, offset): an index range scan of at most `window` rows.
-        kinds = (
-            await session.execute(
-                select(_LETTERS.c.kind, func.count(), func.min(_LETTERS.c.reason))
-                .where(_LETTERS.c.topic == tp[0], _LETTERS.c.partition == tp[1])
-                .where(_LETTERS.c.offset >= start, _LETTERS.c.offset < end)
-                .group_by(_LETTERS.c.kind)
-                .order_by(func.count().desc(), _LETTERS.c.kind)
-            )
-        ).all()
-        dead = sum(count for _, count, _ in kinds)
-        if dead <= self._most:
-            return None
-        kind, _, reason = kinds[0]
-        trip = Trip(tp[0], tp[1], dead, self._window, kind, reason)
+    async def _pause(self, session: AsyncSession, trip: Trip) -> None:
         verdict = {
             "paused_at": func.now(),
-            "dead": dead,
-            "window": self._window,
-            "kind": kind,
-            "reason": reason,
+            "dead": trip.dead,
+            "window": trip.window,
+            "kind": trip.kind,
+            "reason": trip.reason,
         }
-        stmt = insert(_GUARDS).values(group_id=self._group_id, topic=tp[0], partition=tp[1])
+        stmt = insert(_GUARDS).values(
+            group_id=self._group_id, topic=trip.topic, partition=trip.partition
+        )
         await session.execute(
             stmt.values(**verdict).on_conflict_do_update(
                 index_elements=["group_id", "topic", "partition"], set_=verdict
             )
         )
-        return trip
 
 
 async def paused_partitions(
