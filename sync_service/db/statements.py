@@ -13,9 +13,23 @@ from datetime import UTC, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import JSON, ColumnElement, Table, bindparam, column, func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.types import TypeEngine
+
+
+def array_rows(
+    *columns: tuple[str, str, type[TypeEngine[Any]]], name: str | None = None
+) -> TableValuedAlias:
+    """`unnest(:param1, :param2, ...) AS name(column1, column2, ...)`, from `(column,
+    parameter, element type)` triples: one row per index of array parameters of one
+    length. A batch's keys as a table to join, one parameter per column whatever their
+    number (a row-value `IN` list of ~10k literal tuples exceeds PostgreSQL's stack depth)."""
+    arrays = (bindparam(param, type_=ARRAY(type_)) for _, param, type_ in columns)
+    named = (column_name for column_name, _, _ in columns)
+    return func.unnest(*arrays).table_valued(*named).render_derived(name=name)
 
 
 def _records(table: Table, columns: Sequence[str]) -> Any:

@@ -17,22 +17,20 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Integer, Table, Text, bindparam, func, select, true, tuple_
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from sync_service.db.models import DeadLetterRow, PartitionGuard
+from sync_service.db.statements import array_rows
 from sync_service.pipeline.batch import Batch, TopicPartition
 
 _LETTERS = DeadLetterRow.__table__
 _GUARDS: Table = PartitionGuard.__table__  # type: ignore[assignment]
-_CHECKED = (
-    func.unnest(
-        bindparam("topics", type_=ARRAY(Text)),
-        bindparam("partitions", type_=ARRAY(Integer)),
-        bindparam("ends", type_=ARRAY(BigInteger)),
-    )
-    .table_valued("topic", "partition", "end")
-    .render_derived(name="checked")
+_CHECKED = array_rows(
+    ("topic", "topics", Text),
+    ("partition", "partitions", Integer),
+    ("end", "ends", BigInteger),
+    name="checked",
 )
 _STORED = (
     select(_GUARDS.c.window_from, _GUARDS.c.paused_at)

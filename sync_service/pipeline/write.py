@@ -51,7 +51,7 @@ from sync_service.db.models import (
     PendingChange,
     User,
 )
-from sync_service.db.statements import copy_rows, readable_times, upsert_rows
+from sync_service.db.statements import array_rows, copy_rows, readable_times, upsert_rows
 from sync_service.events.change import Change, DeadLetter, Entity, Source
 from sync_service.events.dead_letter import DEAD_LETTER, outbox_payload
 from sync_service.events.dead_letter import event_id as dead_letter_event_id
@@ -84,16 +84,10 @@ _OUTBOX = OutboxEvent.__table__
 _OUTBOX_COLUMNS = (
     "txid", "aggregate_type", "aggregate_id", "event_type", "event_id", "version", "payload",
 )  # fmt: skip
-# Keys of waiting changes travel as arrays and are joined server-side: a row-value IN
-# list of ~10k literal tuples would exceed PostgreSQL's stack depth.
-_KEYS = (
-    func.unnest(
-        bindparam("entities", type_=ARRAY(String)),
-        bindparam("ids", type_=ARRAY(BigInteger)),
-        bindparam("versions", type_=ARRAY(BigInteger)),
-    )
-    .table_valued("entity", "entity_id", "version")
-    .render_derived()
+_KEYS = array_rows(
+    ("entity", "entities", String),
+    ("entity_id", "ids", BigInteger),
+    ("version", "versions", BigInteger),
 )
 _PENDING_KEY = tuple_(PendingChange.entity, PendingChange.entity_id, PendingChange.version)
 _IN_KEYS = _PENDING_KEY.in_(select(_KEYS.c.entity, _KEYS.c.entity_id, _KEYS.c.version))
@@ -118,8 +112,7 @@ def _lookup(
     whatever the table's statistics say. A join the planner orders itself turned
     quadratic while a fresh table filled and its statistics lagged (30-400 ms a batch)."""
     table = _TABLES[entity]
-    keys = func.unnest(bindparam(values, type_=ARRAY(type_))).table_valued("key")
-    keys = keys.render_derived(name="k")
+    keys = array_rows(("key", values, type_), name="k")
     found = (
         select(*(table.c[name] for name in COLUMNS[entity]))
         .where(table.c[key] == keys.c.key, *where)
