@@ -46,8 +46,6 @@ ORDER_STATUSES = ("pending", "paid", "shipped", "cancelled", "refunded")
 ROOM_FOR_UPDATES = {"postgresql_with": {"fillfactor": 85}}
 """Pages of `users` and `orders` are filled to 85%: a row's next version then mostly fits
 on its page, as a heap-only tuple (no new index entries) where no indexed column changed."""
-SNAPSHOT_TYPES = ("user.snapshot", "order.snapshot")
-"""Outbox event types of re-sent state: they repeat the version of the row's last change."""
 
 
 class Base(DeclarativeBase):
@@ -234,19 +232,10 @@ class OutboxEvent(Base):
     """`json`, not `jsonb`: kept as written, since the relay publishes it as it is."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
-    __table_args__ = (
-        PrimaryKeyConstraint("txid", "id"),
-        # One row per applied change: a second one would be a double apply, and fails.
-        # Snapshots (`sync-service republish`) repeat a version on purpose.
-        Index(
-            "uq_outbox_applied_change",
-            "aggregate_type",
-            "aggregate_id",
-            "version",
-            unique=True,
-            postgresql_where=text(f"event_type NOT IN {SNAPSHOT_TYPES!r}"),
-        ),
-    )
+    # One row per applied change needs no index: the writer's compare-and-set
+    # (`pipeline.write`) applies a change at most once. Snapshots (`sync-service
+    # republish`) repeat a version on purpose.
+    __table_args__ = (PrimaryKeyConstraint("txid", "id"),)
 
 
 class OperatorAction(Base):

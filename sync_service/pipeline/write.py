@@ -274,7 +274,7 @@ class BatchWriter:
             pending = await self._load_pending(session, batch, list(expected))
             stored = await load_stored(session, [*pending, *batch.changes])
             result_plan = plan(batch.changes, pending, stored)
-            result = await self._apply(session, batch, result_plan, txid)
+            result = await self._apply(session, batch, result_plan, stored, txid)
             if self._guard is not None and batch.dead:
                 result.tripped = await self._guard.check(session, batch)
             await self._store_positions(session, batch.next_offsets, resumed)
@@ -352,7 +352,12 @@ class BatchWriter:
             self._waiting[(change.entity, change.id, change.version)] = change
 
     async def _apply(
-        self, session: AsyncSession, batch: Batch, todo: Plan, txid: int
+        self,
+        session: AsyncSession,
+        batch: Batch,
+        todo: Plan,
+        stored: Mapping[Entity, Mapping[int, Row]],
+        txid: int,
     ) -> WriteResult:
         result = WriteResult(waiting=len(todo.wait), dead=len(batch.dead))
         for change in todo.stale:
@@ -360,7 +365,7 @@ class BatchWriter:
         for entity, rows in todo.rows.items():  # before the outbox rows are built from them
             readable_times(rows, _TIMES[entity])
         # PostgreSQL writes the rows while this process builds the outbox rows.
-        upserting = asyncio.ensure_future(_upsert(session, todo, result))
+        upserting = asyncio.ensure_future(_upsert(session, todo, stored, result))
         try:
             outbox = await _outbox_rows(todo.applied, txid)
             await upserting
@@ -477,14 +482,26 @@ def _bound(
     return bounded, {tp: resume for tp, (_, resume) in ended.items()}
 
 
-async def _upsert(session: AsyncSession, todo: Plan, result: WriteResult) -> None:
-    """One version-guarded upsert per table, users first (orders refer to them)."""
+async def _upsert(
+    session: AsyncSession,
+    todo: Plan,
+    stored: Mapping[Entity, Mapping[int, Row]],
+    result: WriteResult,
+) -> None:
+    """One upsert per table, users first (orders refer to them): a row the plan found
+    stored is replaced only where its version is still the one read (`stored`), any
+    other is inserted only where its key is still free. A row left unwritten means
+    another writer got there between this batch's read and its write: `LostUpdate`, and
+    the batch is planned again from what is stored then. So a change is applied, and its
+    outbox row written, once, whichever writers race on an aggregate."""
     entities: tuple[Entity, ...] = ("user", "order")
     for entity in entities:
         rows = todo.rows[entity]
         if not rows:
             continue
-        done = await session.execute(_UPSERTS[entity], {"rows": rows})
+        known = stored[entity]
+        expected = {str(i): known[i]["version"] for row in rows if (i := row["id"]) in known}
+        done = await session.execute(_UPSERTS[entity], {"rows": rows, "expected": expected})
         if done.rowcount != len(rows):  # type: ignore[attr-defined]
             raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
         result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)

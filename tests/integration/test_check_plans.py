@@ -39,9 +39,9 @@ async def test_the_orders_upsert_plans_its_checks_once_and_the_notify_restores_c
     try:
         async with make_sessionmaker(engine)() as session, session.begin():
             assert await plan_mode(session) == "force_custom_plan"
-            await session.execute(_UPSERTS["user"], {"rows": [USER]})
+            await session.execute(_UPSERTS["user"], {"rows": [USER], "expected": {}})
             assert await plan_mode(session) == "force_custom_plan"
-            done = await session.execute(_UPSERTS["order"], {"rows": [ORDER]})
+            done = await session.execute(_UPSERTS["order"], {"rows": [ORDER], "expected": {}})
             assert done.rowcount == 1  # type: ignore[attr-defined]
             assert await plan_mode(session) == "force_generic_plan"
             await session.execute(_NOTIFY)

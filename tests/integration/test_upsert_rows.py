@@ -1,7 +1,8 @@
 """A batch's rows reach their tables exactly as planned: the upsert's one JSON document
 (`db.statements`) keeps every value, the extremes of each column's type included (a
-time's offset too large for PostgreSQL's reader among them), and a row is replaced only
-by a higher version."""
+time's offset too large for PostgreSQL's reader among them); a stored row is replaced
+only where its version is still the one its writer read, and a new row is inserted only
+where its key is free."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlalchemy import text
 
 from sync_service.config import Settings
 from sync_service.db.engine import make_engine, make_sessionmaker
-from sync_service.events.change import Change
+from sync_service.events.change import Change, Entity
 from sync_service.pipeline.batch import BatchBuilder
 from sync_service.pipeline.decode import Limits, decode
 from sync_service.pipeline.plan import COLUMNS
@@ -66,30 +67,51 @@ async def _stored(settings: Settings, table: str, columns: tuple[str, ...]) -> l
 
 
 async def _upsert(
-    settings: Settings, users: list[dict[str, Any]], orders: list[dict[str, Any]]
-) -> None:
+    settings: Settings,
+    users: list[dict[str, Any]],
+    orders: list[dict[str, Any]],
+    expected: dict[str, int] | None = None,
+) -> int:
+    """Upsert the rows, with the versions read by id (`expected`); how many were written."""
     engine = make_engine(settings)
+    written = 0
     try:
         async with make_sessionmaker(engine)() as session, session.begin():
-            if users:
-                await session.execute(_UPSERTS["user"], {"rows": users})
-            await session.execute(_UPSERTS["order"], {"rows": orders})
+            by_entity: dict[Entity, list[dict[str, Any]]] = {"user": users, "order": orders}
+            for entity, rows in by_entity.items():
+                if rows:
+                    done = await session.execute(
+                        _UPSERTS[entity], {"rows": rows, "expected": expected or {}}
+                    )
+                    written += int(done.rowcount)  # type: ignore[attr-defined]
     finally:
         await engine.dispose()
+    return written
 
 
 async def test_every_value_is_stored_as_it_was_planned(settings: Settings) -> None:
-    await _upsert(settings, USERS, ORDERS)
+    assert await _upsert(settings, USERS, ORDERS) == 4
     assert await _stored(settings, "users", COLUMNS["user"]) == USERS
     assert await _stored(settings, "orders", COLUMNS["order"]) == ORDERS
 
 
-async def test_a_row_is_replaced_only_by_a_higher_version(settings: Settings) -> None:
+async def test_a_stored_row_is_replaced_only_where_its_version_is_still_the_one_read(
+    settings: Settings,
+) -> None:
     await _upsert(settings, USERS, ORDERS)
-    older = {**ORDERS[0], "version": 2, "status": "paid"}
-    newer = {**ORDERS[1], "version": 2, "total": Decimal("12.50")}
-    await _upsert(settings, [], [older, newer])
-    assert await _stored(settings, "orders", COLUMNS["order"]) == [ORDERS[0], newer]
+    moved_on = {**ORDERS[0], "version": 4, "status": "paid"}  # read at 2, stored at 3
+    as_read = {**ORDERS[1], "version": 2, "total": Decimal("12.50")}
+    expected = {str(BIGGEST): 2, "1": 1}
+    assert await _upsert(settings, [], [moved_on, as_read], expected) == 1
+    assert await _stored(settings, "orders", COLUMNS["order"]) == [ORDERS[0], as_read]
+
+
+async def test_a_new_row_is_inserted_only_where_its_key_is_free(settings: Settings) -> None:
+    await _upsert(settings, USERS, ORDERS)
+    taken = {**ORDERS[1], "version": 5, "status": "paid"}  # read as new, stored at 1
+    fresh = {**ORDERS[1], "id": 2}
+    assert await _upsert(settings, [], [taken, fresh]) == 1
+    assert await _stored(settings, "orders", COLUMNS["order"]) == [ORDERS[0], fresh, ORDERS[1]]
 
 
 async def test_a_time_whose_offset_postgresql_cannot_read_is_stored_as_the_same_instant(
