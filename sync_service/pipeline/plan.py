@@ -60,6 +60,8 @@ class Plan:
 
     rows: dict[Entity, list[Row]] = field(default_factory=lambda: {"user": [], "order": []})
     applied: list[Applied] = field(default_factory=list)
+    """Users' first, then orders'."""
+    applied_by_entity: dict[Entity, int] = field(default_factory=lambda: {"user": 0, "order": 0})
     wait: list[Waiting] = field(default_factory=list)
     """Changes not yet pending that must wait now."""
     unpend: list[PendingKey] = field(default_factory=list)
@@ -158,6 +160,7 @@ def plan(
     applied = result.applied
     for entity, reasons in blocked.items():
         rows = result.rows[entity]
+        applied_before = len(applied)
         for entity_id, chain in chains[entity].items():
             if reasons and entity_id in reasons:
                 why = reasons[entity_id]
@@ -173,6 +176,7 @@ def plan(
                 applied.extend(map(Applied, chain.changes, after))
             if pending_keys:
                 result.unpend.extend(k for k in map(_pkey, chain.changes) if k in pending_keys)
+        result.applied_by_entity[entity] = len(applied) - applied_before
     return result
 
 

@@ -504,7 +504,7 @@ async def _upsert(
         done = await session.execute(_UPSERTS[entity], {"rows": rows, "expected": expected})
         if done.rowcount != len(rows):  # type: ignore[attr-defined]
             raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
-        result.applied[entity] = sum(1 for a in todo.applied if a.change.entity == entity)
+        result.applied[entity] = todo.applied_by_entity[entity]
 
 
 async def _outbox_rows(

@@ -105,6 +105,12 @@ class FakeTarget:
                 if entity == "order" and row["user_id"] not in (None, *self.tables["user"]):
                     raise RuleBroken(f"order {row['id']}: user {row['user_id']} has no row")
                 table[row["id"]] = dict(row)
+        entities = [a.change.entity for a in todo.applied]
+        if entities != sorted(entities, reverse=True) or todo.applied_by_entity != {
+            "user": entities.count("user"),
+            "order": entities.count("order"),
+        }:
+            raise RuleBroken(f"applied {entities} miscounted as {todo.applied_by_entity}")
         self.outbox.extend((a.change, a.row) for a in todo.applied)
         for key in todo.unpend:
             self.pending.pop(key, None)
