@@ -359,13 +359,15 @@ class BatchWriter:
         stored: Mapping[Entity, Mapping[int, Row]],
         txid: int,
     ) -> WriteResult:
-        result = WriteResult(waiting=len(todo.wait), dead=len(batch.dead))
+        result = WriteResult(
+            applied=dict(todo.applied_by_entity), waiting=len(todo.wait), dead=len(batch.dead)
+        )
         for change in todo.stale:
             result.stale[change.entity] += 1
         for entity, rows in todo.rows.items():  # before the outbox rows are built from them
             readable_times(rows, _TIMES[entity])
         # PostgreSQL writes the rows while this process builds the outbox rows.
-        upserting = asyncio.ensure_future(_upsert(session, todo, stored, result))
+        upserting = asyncio.ensure_future(_upsert(session, todo, stored))
         try:
             outbox = await _outbox_rows(todo.applied, txid)
             await upserting
@@ -483,10 +485,7 @@ def _bound(
 
 
 async def _upsert(
-    session: AsyncSession,
-    todo: Plan,
-    stored: Mapping[Entity, Mapping[int, Row]],
-    result: WriteResult,
+    session: AsyncSession, todo: Plan, stored: Mapping[Entity, Mapping[int, Row]]
 ) -> None:
     """One upsert per table, users first (orders refer to them): a row the plan found
     stored is replaced only where its version is still the one read (`stored`), any
@@ -504,7 +503,6 @@ async def _upsert(
         done = await session.execute(_UPSERTS[entity], {"rows": rows, "expected": expected})
         if done.rowcount != len(rows):  # type: ignore[attr-defined]
             raise LostUpdate(f"{entity}: wrote {done.rowcount} of {len(rows)} rows")  # type: ignore[attr-defined]
-        result.applied[entity] = todo.applied_by_entity[entity]
 
 
 async def _outbox_rows(
