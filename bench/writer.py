@@ -8,10 +8,15 @@ the round (migrated to head; with `--variant SQL`, every other round runs that S
 migrating, so the two arms interleave). It counts the write's wall time, this process's
 CPU and PostgreSQL's (every server process's, so the machine should be quiet).
 
+With `--empty N`, each round writes N batches that hold no record and move every
+partition's stored position by one (after 50 untimed): what a batch costs whatever it
+holds (the fence, the positions, the commit), per batch instead of per event.
+
 Invariant: a round's figures count only if its tables' checksum equals the workload's
-expected state and every dead letter is stored; a variant that breaks the writer fails
-the run (exit 1) instead of showing a figure. Exit 2: the run could not start (a bad
-option, PostgreSQL unreachable, the variant's SQL refused), with one line on stderr.
+expected state and every dead letter is stored (with `--empty`: every position is where
+the last batch moved it); a variant that breaks the writer fails the run (exit 1)
+instead of showing a figure. Exit 2: the run could not start (a bad option, PostgreSQL
+unreachable, the variant's SQL refused), with one line on stderr.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ from sync_service.pipeline.batch import Batch, BatchBuilder, TopicPartition
 from sync_service.pipeline.write import BatchWriter
 
 
+def empty_batches(count: int, partitions: int) -> list[Batch]:
+    """`count` batches without records, each moving every partition one offset on."""
+    owned = [(TOPICS.of(entity), p) for entity in ("user", "order") for p in range(partitions)]
+    return [Batch(next_offsets=dict.fromkeys(owned, n + 1)) for n in range(count)]
+
+
 def batches(workload: Workload, size: int) -> list[Batch]:
     """The workload decoded and cut as a backlog drain cuts it."""
     builder = BatchBuilder(size, max_wait_s=float("inf"))
@@ -59,6 +70,10 @@ def batches(workload: Workload, size: int) -> list[Batch]:
     return cut
 
 
+_EMPTY_WARMUP = 50
+"""Empty batches written untimed first: the statements' first plans and the pool."""
+
+
 @dataclass(frozen=True)
 class Round:
     arm: str
@@ -69,9 +84,10 @@ class Round:
 
 async def one_round(
     base: Settings, name: str, arm: str, variant: str | None, cut: Sequence[Batch],
-    workload: Workload,
+    workload: Workload, *, empty: bool = False,
 ) -> Round:  # fmt: skip
-    """Write every batch of `cut` into a fresh database `name`, then check it."""
+    """Write every batch of `cut` into a fresh database `name`, then check it (`empty`:
+    `cut` is `empty_batches`, the first `_EMPTY_WARMUP` of them untimed)."""
     url = await create_database(base.database_url, name)
     settings = base.model_copy(update={"database_url": url})
     engine = make_engine(settings)
@@ -94,14 +110,21 @@ async def one_round(
             for p in range(workload.partitions)
         }
         await writer.positions(list(expected))  # the pool's first connection, untimed
+        warmup = _EMPTY_WARMUP if empty else 0
+        for batch in cut[:warmup]:
+            await writer.write(batch, expected)
+            expected.update(batch.next_offsets)
         server = role_cpu_seconds("postgresql")
         client, started = time.process_time(), time.perf_counter()
-        for batch in cut:
+        for batch in cut[warmup:]:
             await writer.write(batch, expected)
             expected.update(batch.next_offsets)
         wall = time.perf_counter() - started
         spent = (time.process_time() - client, role_cpu_seconds("postgresql") - server)
-        await _check(engine, workload)
+        if empty:
+            await _check_positions(writer, expected)
+        else:
+            await _check(engine, workload)
         return Round(arm, wall, *spent)
     finally:
         await engine.dispose()
@@ -126,8 +149,15 @@ async def _check(engine: Any, workload: Workload) -> None:
                     f"{expected.applied_at_most}]")  # fmt: skip
 
 
-def summary(rounds: Sequence[Round], events: int) -> dict[str, Any]:
-    """Per arm: each figure's best round (the least disturbed), in µs per event."""
+async def _check_positions(writer: BatchWriter, expected: dict[TopicPartition, int | None]) -> None:
+    stored = await writer.positions(list(expected))
+    if stored != expected:
+        raise Wrong("the stored positions differ from those the last batch moved them to")
+
+
+def summary(rounds: Sequence[Round], events: int, unit: str = "event") -> dict[str, Any]:
+    """Per arm: each figure's best round (the least disturbed), in µs per `unit`, of
+    which a round wrote `events`."""
     found: dict[str, Any] = {}
     for arm in dict.fromkeys(r.arm for r in rounds):
         mine = [r for r in rounds if r.arm == arm]
@@ -137,9 +167,9 @@ def summary(rounds: Sequence[Round], events: int) -> dict[str, Any]:
                 "rounds": [round(getattr(r, key) / events * 1e6, 2) for r in mine],
             }
             for figure, key in (
-                ("write_us_per_event", "wall_s"),
-                ("writer_cpu_us_per_event", "client_cpu_s"),
-                ("postgresql_cpu_us_per_event", "server_cpu_s"),
+                (f"write_us_per_{unit}", "wall_s"),
+                (f"writer_cpu_us_per_{unit}", "client_cpu_s"),
+                (f"postgresql_cpu_us_per_{unit}", "server_cpu_s"),
             )
         }
     return found
@@ -147,8 +177,11 @@ def summary(rounds: Sequence[Round], events: int) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tune_gc()
-    workload = Workload.generate(args.events, seed=args.seed)
-    cut = batches(workload, args.batch)
+    workload = Workload.generate(0 if args.empty else args.events, seed=args.seed)
+    if args.empty:
+        cut = empty_batches(_EMPTY_WARMUP + args.empty, workload.partitions)
+    else:
+        cut = batches(workload, args.batch)
     base = Settings()
     rounds = []
     for number in range(args.rounds):
@@ -156,8 +189,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if arm == "variant" and variant is None:
                 continue
             name = f"sync_bench_writer_{os.getpid()}_{arm}"
-            rounds.append(await one_round(base, name, arm, variant, cut, workload))
+            rounds.append(
+                await one_round(base, name, arm, variant, cut, workload, empty=bool(args.empty))
+            )
             print(f"round {number + 1} {arm}: {rounds[-1].wall_s:.2f} s", file=sys.stderr)
+    if args.empty:
+        return {
+            "empty_batches": args.empty,
+            "partitions": 2 * workload.partitions,
+            "variant": args.variant,
+            "per_batch": summary(rounds, args.empty, "batch"),
+        }
     return {
         "events": args.events,
         "batch": args.batch,
@@ -174,9 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variant", help="SQL run after migrating, in every other round")
+    parser.add_argument(
+        "--empty", type=int, default=0, metavar="N",
+        help="write N batches without records (a batch's fixed cost), not the workload",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    if min(args.events, args.batch, args.rounds) < 1:
-        print("bench.writer: --events, --batch and --rounds must be above 0", file=sys.stderr)
+    if min(args.events, args.batch, args.rounds) < 1 or args.empty < 0:
+        print("bench.writer: --events, --batch and --rounds must be above 0, --empty not "
+              "below", file=sys.stderr)  # fmt: skip
         return 2
     try:
         found = asyncio.run(run(args))

@@ -56,3 +56,19 @@ def test_a_variant_the_server_refuses_is_one_line(capsys: pytest.CaptureFixture[
     last = err.strip().splitlines()[-1]  # after the head round's progress line
     assert last.startswith("bench.writer: the variant's SQL was refused:")
     assert "no_such_table" in last
+
+
+def test_empty_batches_are_measured_per_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    status = writer.main(["--empty", "20", "--rounds", "1"])
+
+    assert status == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["empty_batches"], found["partitions"]) == (20, 24)
+    figures = found["per_batch"]["head"]
+    assert figures["write_us_per_batch"]["best"] > 0
+    assert figures["postgresql_cpu_us_per_batch"]["best"] > 0
+
+
+def test_a_negative_count_of_empty_batches_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert writer.main(["--empty", "-1"]) == 2
+    assert capsys.readouterr().err.startswith("bench.writer: --events, --batch and --rounds")
