@@ -127,6 +127,9 @@ _STORED_USERS = union_all(
     _lookup("user", "email", "emails", String, User.__table__.c.deleted_at.is_(None)),
 )
 _STORED_ORDERS = _lookup("order", "id", "order_ids", BigInteger)
+_PARTITIONS = array_rows(("topic", "topics", Text), ("partition", "partitions", Integer))
+"""The partitions a batch names, as two arrays: one statement text and one parameter
+each, whatever their number (an expanding `IN` list is rendered again per execution)."""
 _TXID = cast(cast(func.pg_current_xact_id(), Text), BigInteger)
 """This transaction's id, as the outbox's `txid` default computes it (once, not per row:
 the default's casts cost PostgreSQL ~1.5 us per outbox row)."""
@@ -140,11 +143,7 @@ _FENCE = (
         ConsumerOffset.resume_offset,
     )
     .where(ConsumerOffset.group_id == bindparam("group_id"))
-    .where(
-        tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(
-            bindparam("partitions", expanding=True)
-        )
-    )
+    .where(tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(select(*_PARTITIONS.c)))
     .order_by(ConsumerOffset.topic, ConsumerOffset.partition)
     .with_for_update()
 )
@@ -184,14 +183,24 @@ _PENDING_KEYS = select(PendingChange.entity, PendingChange.entity_id, PendingCha
     )
 )
 
-_POSITIONS = insert(ConsumerOffset)
+_POSITION_ROWS = array_rows(
+    ("topic", "topics", Text),
+    ("partition", "partitions", Integer),
+    ("next_offset", "offsets", BigInteger),
+)
+_POSITIONS = insert(ConsumerOffset.__table__).from_select(  # type: ignore[arg-type]
+    ["group_id", "topic", "partition", "next_offset"],
+    select(bindparam("group_id", type_=Text), *_POSITION_ROWS.c),
+)
 _STORE_POSITIONS = _POSITIONS.on_conflict_do_update(
     index_elements=["group_id", "topic", "partition"],
     set_={"next_offset": _POSITIONS.excluded.next_offset, "updated_at": func.now()},
 )
-"""Built once, like every statement a batch runs: an `excluded` built per batch is an
-alias of the table whose columns refer to each other, garbage only the cycle collector
-frees (seven columns' worth of objects a batch, measured with `gc.get_objects`)."""
+"""Every partition's position in one statement, from arrays (a row per partition would
+be a statement each for the server). Built once, like every statement a batch runs: an
+`excluded` built per batch is an alias of the table whose columns refer to each other,
+garbage only the cycle collector frees (seven columns' worth of objects a batch,
+measured with `gc.get_objects`)."""
 _STORE_PENDING = insert(PendingChange).on_conflict_do_nothing()
 _STORE_DEAD_LETTERS = insert(DeadLetterRow).on_conflict_do_nothing()
 _STORE_NEW_DEAD_LETTERS = _STORE_DEAD_LETTERS.returning(
@@ -287,11 +296,8 @@ class BatchWriter:
     ) -> tuple[int, dict[TopicPartition, tuple[int, int]]]:
         """Check that the stored positions are still `expected`, locking them; returns the
         transaction's id and the bounded replays under way (replay end, resume offset)."""
-        rows = (
-            await session.execute(
-                _FENCE, {"group_id": self._group_id, "partitions": list(expected)}
-            )
-        ).all()
+        arrays = {"topics": [t for t, _ in expected], "partitions": [p for _, p in expected]}
+        rows = (await session.execute(_FENCE, {"group_id": self._group_id, **arrays})).all()
         stored = {(t, p): n for t, p, n, *_ in rows}
         for tp, position in expected.items():
             if stored.get(tp) != position:
@@ -437,12 +443,15 @@ class BatchWriter:
     ) -> None:
         if not next_offsets:
             return
+        ordered = sorted(next_offsets.items())
         await session.execute(
             _STORE_POSITIONS,
-            [
-                {"group_id": self._group_id, "topic": t, "partition": p, "next_offset": n}
-                for (t, p), n in sorted(next_offsets.items())
-            ],
+            {
+                "group_id": self._group_id,
+                "topics": [t for (t, _), _ in ordered],
+                "partitions": [p for (_, p), _ in ordered],
+                "offsets": [n for _, n in ordered],
+            },
         )
         if resumed:
             await session.execute(
