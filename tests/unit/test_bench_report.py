@@ -118,6 +118,16 @@ def test_a_drain_slower_or_faster_than_its_bounds() -> None:
     assert verdicts["vs Quix Streams sink"] is False
 
 
+def test_a_ratio_just_short_of_its_target_is_not_met_though_it_rounds_to_it() -> None:
+    phases = _run()
+    phases["bulk"].seconds = 49.88  # 20,048 events/s: sync_service is 1.4964x of it
+
+    assert ratios(phases)["vs_bulk"] == 1.5  # as a results file stores it
+    [bulk] = [goal for goal in goals(phases) if goal.name == "vs bulk baseline"]
+    assert bulk.met is False
+    assert bulk.value == pytest.approx(1.4964, abs=1e-4)
+
+
 def test_a_failed_grown_or_debezium_drain_has_no_share() -> None:
     phases = _run()
     phases["grown"].status = "wrong"
