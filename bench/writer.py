@@ -50,10 +50,14 @@ from sync_service.pipeline.batch import Batch, BatchBuilder, TopicPartition
 from sync_service.pipeline.write import BatchWriter
 
 
+def owned(partitions: int) -> list[TopicPartition]:
+    """Every partition of the workload's two topics, as the writer is given them."""
+    return [(TOPICS.of(entity), p) for entity in ("user", "order") for p in range(partitions)]
+
+
 def empty_batches(count: int, partitions: int) -> list[Batch]:
     """`count` batches without records, each moving every partition one offset on."""
-    owned = [(TOPICS.of(entity), p) for entity in ("user", "order") for p in range(partitions)]
-    return [Batch(next_offsets=dict.fromkeys(owned, n + 1)) for n in range(count)]
+    return [Batch(next_offsets=dict.fromkeys(owned(partitions), n + 1)) for n in range(count)]
 
 
 def batches(workload: Workload, size: int) -> list[Batch]:
@@ -104,11 +108,7 @@ async def one_round(
                 await connection.commit()
             await connection.execute(text("CHECKPOINT"))
         writer = BatchWriter(make_sessionmaker(engine), f"bench-writer-{arm}", 1_000)
-        expected: dict[TopicPartition, int | None] = {
-            (TOPICS.of(entity), p): None
-            for entity in ("user", "order")
-            for p in range(workload.partitions)
-        }
+        expected: dict[TopicPartition, int | None] = dict.fromkeys(owned(workload.partitions))
         await writer.positions(list(expected))  # the pool's first connection, untimed
         warmup = _EMPTY_WARMUP if empty else 0
         for batch in cut[:warmup]:

@@ -127,9 +127,10 @@ _STORED_USERS = union_all(
     _lookup("user", "email", "emails", String, User.__table__.c.deleted_at.is_(None)),
 )
 _STORED_ORDERS = _lookup("order", "id", "order_ids", BigInteger)
-_PARTITIONS = array_rows(("topic", "topics", Text), ("partition", "partitions", Integer))
-"""The partitions a batch names, as two arrays: one statement text and one parameter
+_PARTITION_ARRAYS = (("topic", "topics", Text), ("partition", "partitions", Integer))
+"""Partitions as two arrays (`_partition_arrays`): one statement text and one parameter
 each, whatever their number (an expanding `IN` list is rendered again per execution)."""
+_PARTITIONS = array_rows(*_PARTITION_ARRAYS)
 _TXID = cast(cast(func.pg_current_xact_id(), Text), BigInteger)
 """This transaction's id, as the outbox's `txid` default computes it (once, not per row:
 the default's casts cost PostgreSQL ~1.5 us per outbox row)."""
@@ -183,11 +184,7 @@ _PENDING_KEYS = select(PendingChange.entity, PendingChange.entity_id, PendingCha
     )
 )
 
-_POSITION_ROWS = array_rows(
-    ("topic", "topics", Text),
-    ("partition", "partitions", Integer),
-    ("next_offset", "offsets", BigInteger),
-)
+_POSITION_ROWS = array_rows(*_PARTITION_ARRAYS, ("next_offset", "offsets", BigInteger))
 _POSITIONS = insert(ConsumerOffset.__table__).from_select(  # type: ignore[arg-type]
     ["group_id", "topic", "partition", "next_offset"],
     select(bindparam("group_id", type_=Text), *_POSITION_ROWS.c),
@@ -296,7 +293,7 @@ class BatchWriter:
     ) -> tuple[int, dict[TopicPartition, tuple[int, int]]]:
         """Check that the stored positions are still `expected`, locking them; returns the
         transaction's id and the bounded replays under way (replay end, resume offset)."""
-        arrays = {"topics": [t for t, _ in expected], "partitions": [p for _, p in expected]}
+        arrays = _partition_arrays(expected)
         rows = (await session.execute(_FENCE, {"group_id": self._group_id, **arrays})).all()
         stored = {(t, p): n for t, p, n, *_ in rows}
         for tp, position in expected.items():
@@ -443,14 +440,13 @@ class BatchWriter:
     ) -> None:
         if not next_offsets:
             return
-        ordered = sorted(next_offsets.items())
+        ordered = sorted(next_offsets)
         await session.execute(
             _STORE_POSITIONS,
             {
                 "group_id": self._group_id,
-                "topics": [t for (t, _), _ in ordered],
-                "partitions": [p for (_, p), _ in ordered],
-                "offsets": [n for _, n in ordered],
+                **_partition_arrays(ordered),
+                "offsets": [next_offsets[tp] for tp in ordered],
             },
         )
         if resumed:
@@ -460,6 +456,12 @@ class BatchWriter:
                 .where(tuple_(ConsumerOffset.topic, ConsumerOffset.partition).in_(list(resumed)))
                 .values(replay_end=None, resume_offset=None)
             )
+
+
+def _partition_arrays(partitions: Iterable[TopicPartition]) -> dict[str, list[Any]]:
+    """The parameters of `_PARTITION_ARRAYS` for `partitions`, in their order."""
+    listed = list(partitions)
+    return {"topics": [t for t, _ in listed], "partitions": [p for _, p in listed]}
 
 
 def _bound(
